@@ -1,0 +1,76 @@
+"""Argument validation shared by the estimators and transforms."""
+
+import math
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+
+def concrete_value(value):
+    """Returns ``value`` as a Python number, or None when it is traced (e.g. under jit)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_positive_finite(name: str, value) -> None:
+    """Raises ValueError unless ``value`` is finite and > 0 (skipped when traced)."""
+    number = concrete_value(value)
+    if number is None:
+        if isinstance(value, jax.core.Tracer) or hasattr(value, "dtype"):
+            return
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a Python int >= 1 (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        hint = " or None" if allow_none else ""
+        raise ValueError(
+            f"{name} must be a static Python int >= 1{hint}, got {value!r}."
+            + (" (Pass it in static_args of optax.inject_hyperparams.)"
+               if hasattr(value, "dtype") else "")
+        )
+
+
+def check_choice(name: str, value, choices: Iterable[str], *, allow_callable: bool = False) -> None:
+    """Raises ValueError unless ``value`` is one of ``choices`` (or a callable when allowed)."""
+    choices = tuple(choices)
+    if allow_callable and callable(value):
+        return
+    if isinstance(value, str) and value in choices:
+        return
+    extra = " or a callable sample(key, params)" if allow_callable else ""
+    raise ValueError(f"{name} must be one of {choices}{extra}, got {value!r}.")
+
+
+def check_float_params(params) -> None:
+    """Raises TypeError when a leaf of ``params`` is not floating point."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            where = jax.tree_util.keystr(path) or "params"
+            raise TypeError(
+                f"zeroth-order estimators need floating-point params; {where} has dtype {dtype}."
+            )
+
+
+def scalar_fun(fun: Callable, name: str = "fun") -> Callable:
+    """Wraps ``fun`` so that a non-scalar output raises a ValueError naming its shape."""
+
+    def wrapped(*args, **kwargs):
+        value = fun(*args, **kwargs)
+        shape = jnp.shape(value)
+        if shape != ():
+            raise ValueError(f"{name} must return a scalar, got an output of shape {shape}.")
+        return value
+
+    return wrapped

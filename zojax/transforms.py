@@ -1,0 +1,182 @@
+r"""Zeroth-order estimators as optax gradient transformations, and their aliases.
+
+:func:`two_point` returns a gradient *estimate*; aliases add the step
+(``zo_sgd = chain(two_point(...), sgd(lr))``), and users chain clipping, Adam or
+``optax.MultiSteps`` themselves. The objective arrives at update time as the keyword-only extra
+argument ``value_fn`` (as in optax's line searches)::
+
+    updates, state = opt.update(None, state, params, value_fn=lambda p: loss(p, batch))
+
+Static and traced arguments: ``smoothing`` (and ``learning_rate`` of the aliases) are used only
+in traced arithmetic, so ``optax.inject_hyperparams`` can lift them into the state and
+``jax.vmap`` can sweep them in one compiled program. ``num_directions``, ``direction``,
+``scheme`` and ``chunk_size`` change shapes or the program itself and are static: give
+``num_directions`` (and a callable ``direction``) in ``static_args`` of ``inject_hyperparams``.
+
+Non-finite losses: when any objective evaluation of a step is ``nan``/``inf``, the step returns a
+zero update (parameters stay unchanged and finite) and ``state.num_nonfinite`` is incremented,
+so a diverging run never silently corrupts its parameters; watch that counter.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from zojax import _checks, estimators
+from zojax.directions import Sampler, get_sampler
+
+
+class TwoPointState(NamedTuple):
+    """State of :func:`two_point` and :func:`forward_gradient`."""
+
+    count: jax.Array  # int32 scalar: number of updates made.
+    key: jax.Array  # typed PRNG key, split once per update.
+    num_nonfinite: jax.Array  # int32 scalar: updates skipped for non-finite loss evaluations.
+
+
+def _as_key(seed) -> jax.Array:
+    """A typed PRNG key from an int seed (possibly a traced array), a typed key or raw key data."""
+    if isinstance(seed, jax.Array | jax.ShapeDtypeStruct) and jax.dtypes.issubdtype(
+            seed.dtype, jax.dtypes.prng_key):
+        return seed
+    seed = jnp.asarray(seed)
+    if seed.shape == (2,) and seed.dtype == jnp.uint32:
+        return jax.random.wrap_key_data(seed)
+    if seed.shape != () or not jnp.issubdtype(seed.dtype, jnp.integer):
+        raise ValueError(f"seed must be an int or a PRNG key, got {seed!r}.")
+    return jax.random.key(seed)
+
+
+def _estimator_transform(estimate: Callable, seed, name: str
+                         ) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``estimate(key, value_fn, params) -> (value, grads, finite)`` as an optax transform."""
+
+    def init_fn(params):
+        _checks.check_float_params(params)
+        return TwoPointState(count=jnp.zeros([], jnp.int32), key=_as_key(seed),
+                             num_nonfinite=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+        del updates, extra_args
+        if value_fn is None:
+            raise ValueError(
+                f"{name}.update needs the objective as a keyword argument: "
+                "opt.update(grads, state, params, value_fn=lambda p: loss(p, batch)).")
+        if params is None:
+            raise ValueError(f"{name}.update needs params: opt.update(None, state, params, "
+                             "value_fn=...).")
+        key, step_key = jax.random.split(state.key)
+        _, grads, finite = estimate(step_key, _checks.scalar_fun(value_fn, "value_fn"), params)
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        return grads, TwoPointState(
+            count=optax.safe_increment(state.count), key=key,
+            num_nonfinite=state.num_nonfinite + jnp.logical_not(finite).astype(jnp.int32))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def two_point(smoothing, num_directions: int = 1, *, direction: str | Sampler = "gaussian",
+              scheme: str = "central", chunk_size: int | None = None, seed=0
+              ) -> optax.GradientTransformationExtraArgs:
+    r"""Two-point zeroth-order gradient estimate as an optax transformation.
+
+    .. math:: \hat g = \frac1q\sum_{i=1}^q \frac{f(x+\lambda u_i)-f(x-\lambda u_i)}{2\lambda}\,u_i
+
+    (central; forward uses :math:`(f(x+\lambda u_i)-f(x))/\lambda`). With Gaussian directions
+    :math:`\mathbb{E}\hat g = \nabla f_\lambda`, :math:`f_\lambda = f + \frac{\lambda^2}{2}
+    \operatorname{tr}\nabla^2 f + o(\lambda^2)`: ZO descent is biased toward flat minima.
+
+    Args:
+        smoothing: :math:`\lambda > 0`; numeric, may be injected/vmapped.
+        num_directions: ``q`` (static).
+        direction: a name in :mod:`zojax.directions` or a sampler ``sample(key, params)`` (static).
+        scheme: ``"central"`` or ``"forward"`` (static).
+        chunk_size: directions evaluated at a time (static); see :func:`zojax.zo_grad`.
+        seed: int seed or typed PRNG key of the directions.
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
+        value_fn)`` ignores ``updates`` and returns the estimate of ``∇ value_fn(params)``.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> opt = optax.chain(two_point(0.01, num_directions=4), optax.sgd(0.1))
+        >>> params = jnp.ones(3)
+        >>> state = opt.init(params)
+        >>> updates, state = opt.update(None, state, params, value_fn=lambda p: jnp.sum(p ** 2))
+        >>> params = optax.apply_updates(params, updates)
+    """
+    estimators._validate(smoothing, num_directions, direction, scheme, chunk_size)
+    sample = get_sampler(direction)
+
+    def estimate(key, value_fn, params):
+        return estimators.two_point_estimate(
+            value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
+            sample=sample, scheme=scheme, chunk_size=chunk_size)
+
+    return _estimator_transform(estimate, seed, "two_point")
+
+
+def forward_gradient(num_directions: int = 1, *, direction: str | Sampler = "gaussian", seed=0,
+                     chunk_size: int | None = None) -> optax.GradientTransformationExtraArgs:
+    r"""The λ → 0 limit of :func:`two_point`: :math:`\frac1q\sum_i (u_i^\top\nabla f)\,u_i` by jvp.
+
+    Differentiates ``value_fn`` (forward mode, one jvp per direction); a reference for what
+    :func:`two_point` does without its smoothing bias. Same state and ``update`` as
+    :func:`two_point`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> opt = forward_gradient(num_directions=2)
+        >>> state = opt.init(jnp.ones(3))
+        >>> g, state = opt.update(None, state, jnp.ones(3), value_fn=lambda p: jnp.sum(p ** 2))
+    """
+    _checks.check_positive_int("num_directions", num_directions)
+    _checks.check_choice("direction", direction, ("gaussian", "sphere", "rademacher", "coordinate"),
+                         allow_callable=True)
+    _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    sample = get_sampler(direction)
+
+    def estimate(key, value_fn, params):
+        return estimators.forward_grad_estimate(value_fn, key, params,
+                                                num_directions=num_directions, sample=sample,
+                                                chunk_size=chunk_size)
+
+    return _estimator_transform(estimate, seed, "forward_gradient")
+
+
+def _check_learning_rate(learning_rate) -> None:
+    if not callable(learning_rate):  # schedules are checked by optax
+        _checks.check_positive_finite("learning_rate", learning_rate)
+
+
+def zo_sgd(learning_rate, smoothing, num_directions: int = 1, **kwargs
+           ) -> optax.GradientTransformationExtraArgs:
+    """ZO-SGD: ``chain(two_point(smoothing, num_directions, **kwargs), sgd(learning_rate))``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> opt = zo_sgd(learning_rate=0.1, smoothing=0.01)
+        >>> state = opt.init(jnp.ones(2))
+    """
+    _check_learning_rate(learning_rate)
+    return optax.chain(two_point(smoothing, num_directions, **kwargs), optax.sgd(learning_rate))
+
+
+def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.999, eps=1e-8,
+            **kwargs) -> optax.GradientTransformationExtraArgs:
+    """ZO-Adam: ``chain(two_point(...), adam(learning_rate, b1, b2, eps))``."""
+    _check_learning_rate(learning_rate)
+    return optax.chain(two_point(smoothing, num_directions, **kwargs),
+                       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+
+
+def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, **kwargs
+                ) -> optax.GradientTransformationExtraArgs:
+    """ZO-signSGD: steps of ``-learning_rate · sign(ĝ)``."""
+    _check_learning_rate(learning_rate)
+    return optax.chain(two_point(smoothing, num_directions, **kwargs), optax.scale_by_sign(),
+                       optax.scale_by_learning_rate(learning_rate))
