@@ -1,6 +1,6 @@
 """zojax: zeroth-order optimization in JAX, and the flatness of the minima it finds."""
 
-from zojax import directions
+from zojax import datasets, directions, problems
 from zojax.curvature import hessian_top_eigenvalue, hessian_trace, hutchinson_trace, zo_trace
 from zojax.estimators import forward_grad, zo_grad, zo_value_and_grad
 from zojax.transforms import (
@@ -8,20 +8,22 @@ from zojax.transforms import (
     forward_gradient,
     two_point,
     zo_adam,
-    zo_sign_sgd,
     zo_sgd,
+    zo_sign_sgd,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TwoPointState",
+    "datasets",
     "directions",
     "forward_grad",
     "forward_gradient",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "hutchinson_trace",
+    "problems",
     "two_point",
     "zo_adam",
     "zo_grad",

@@ -1,15 +1,19 @@
 """Argument validation shared by the estimators and transforms."""
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def concrete_value(value):
     """Returns ``value`` as a Python number, or None when it is traced (e.g. under jit)."""
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, jax.core.Tracer) or isinstance(value, bool | str):
+        return None
+    if not isinstance(value, numbers.Real | np.ndarray | np.generic | jax.Array):
         return None
     try:
         return float(value)
@@ -19,12 +23,10 @@ def concrete_value(value):
 
 def check_positive_finite(name: str, value) -> None:
     """Raises ValueError unless ``value`` is finite and > 0 (skipped when traced)."""
+    if isinstance(value, jax.core.Tracer):
+        return
     number = concrete_value(value)
-    if number is None:
-        if isinstance(value, jax.core.Tracer) or hasattr(value, "dtype"):
-            return
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
-    if not (math.isfinite(number) and number > 0):
+    if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
 
 

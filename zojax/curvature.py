@@ -116,8 +116,9 @@ def zo_trace(fun, key, params, *args, delta, num_samples: int, chunk_size: int |
 
     def second_difference(k):
         z = sample(jax.random.fold_in(key, k), params)
-        shifted = [f(jax.tree.map(lambda x, u: x + (s * delta) * u, params, z)) for s in (1, -1)]
-        return (shifted[0] + shifted[1] - 2 * base) / delta**2
+        plus = f(jax.tree.map(lambda x, u: x + delta * u, params, z))
+        minus = f(jax.tree.map(lambda x, u: x - delta * u, params, z))
+        return (plus + minus - 2 * base) / delta**2
 
     samples = jax.lax.map(second_difference, jnp.arange(num_samples, dtype=jnp.uint32),
                           batch_size=chunk_size)

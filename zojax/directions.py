@@ -10,15 +10,15 @@ Convention: every named sampler is *isotropic*, :math:`\mathbb{E}[u u^\top] = I`
 flattened parameters of size :math:`d`, so a smoothing :math:`\lambda` is the same perturbation
 size for every kind and :math:`\mathbb{E}[(u^\top g)\, u] = g`:
 
-=============  ==========================================  =====================================
-name           :math:`u`                                   mean of the two-point estimate
-=============  ==========================================  =====================================
-gaussian       :math:`u \sim N(0, I_d)`                    :math:`\nabla f_\lambda`, Gaussian-smoothed f
-sphere         :math:`\sqrt{d}\, v`, v uniform on S^{d-1}  :math:`\nabla` of f averaged over the ball
-                                                           of radius :math:`\lambda\sqrt{d}`
-rademacher     :math:`u_i = \pm 1` independently           the finite-difference quotient itself
-coordinate     :math:`\sqrt{d}\, e_i`, i uniform           (no smoothed function in general)
-=============  ==========================================  =====================================
+- ``gaussian``: :math:`u \sim N(0, I_d)`; the estimate's mean is :math:`\nabla f_\lambda`, the
+  gradient of the Gaussian-smoothed :math:`f_\lambda(x) = \mathbb{E} f(x + \lambda u)`.
+- ``sphere``: :math:`u = \sqrt{d}\,v`, :math:`v` uniform on the unit sphere; the mean is the
+  gradient of :math:`f` averaged over the ball of radius :math:`\lambda\sqrt{d}`.
+- ``rademacher``: independent :math:`u_i = \pm 1`; the mean is the expected finite-difference
+  quotient, not the gradient of a smoothed function in general.
+- ``coordinate``: :math:`u = \sqrt{d}\,e_i`, :math:`i` uniform (with replacement); likewise the
+  mean finite-difference quotient. The *forward* scheme with coordinate directions is biased even
+  on quadratics, by :math:`\frac{\lambda\sqrt{d}}{2}\operatorname{diag}\nabla^2 f`.
 
 All four are unbiased for :math:`\nabla f` on quadratics with the central scheme.
 """

@@ -4,9 +4,9 @@ Two-point estimates with ``q`` directions :math:`u_i` (see :mod:`zojax.direction
 
 .. math::
 
-    \text{central:}\quad \hat g = \frac1q \sum_i \frac{f(x+\lambda u_i) - f(x-\lambda u_i)}{2\lambda} u_i
+    \text{central: }\hat g = \frac1q \sum_i \frac{f(x+\lambda u_i)-f(x-\lambda u_i)}{2\lambda}u_i,
     \qquad
-    \text{forward:}\quad \hat g = \frac1q \sum_i \frac{f(x+\lambda u_i) - f(x)}{\lambda} u_i
+    \text{forward: } \hat g = \frac1q \sum_i \frac{f(x+\lambda u_i) - f(x)}{\lambda} u_i
 
 Direction ``i`` is drawn from ``jax.random.fold_in(key, i)``, so the same key gives the same
 estimate whatever ``chunk_size`` is. With ``chunk_size=None`` all directions (and the ± pair of

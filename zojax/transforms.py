@@ -153,9 +153,13 @@ def _check_learning_rate(learning_rate) -> None:
         _checks.check_positive_finite("learning_rate", learning_rate)
 
 
-def zo_sgd(learning_rate, smoothing, num_directions: int = 1, **kwargs
-           ) -> optax.GradientTransformationExtraArgs:
-    """ZO-SGD: ``chain(two_point(smoothing, num_directions, **kwargs), sgd(learning_rate))``.
+def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
+           direction: str | Sampler = "gaussian", scheme: str = "central",
+           chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
+    """ZO-SGD: ``chain(two_point(smoothing, num_directions, ...), sgd(learning_rate))``.
+
+    The keyword arguments are those of :func:`two_point` (explicit, so that
+    ``optax.inject_hyperparams(zo_sgd, static_args=("num_directions",))`` works).
 
     Example:
         >>> import jax.numpy as jnp
@@ -163,20 +167,29 @@ def zo_sgd(learning_rate, smoothing, num_directions: int = 1, **kwargs
         >>> state = opt.init(jnp.ones(2))
     """
     _check_learning_rate(learning_rate)
-    return optax.chain(two_point(smoothing, num_directions, **kwargs), optax.sgd(learning_rate))
+    return optax.chain(
+        two_point(smoothing, num_directions, direction=direction, scheme=scheme,
+                  chunk_size=chunk_size, seed=seed),
+        optax.sgd(learning_rate))
 
 
 def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.999, eps=1e-8,
-            **kwargs) -> optax.GradientTransformationExtraArgs:
+            direction: str | Sampler = "gaussian", scheme: str = "central",
+            chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     """ZO-Adam: ``chain(two_point(...), adam(learning_rate, b1, b2, eps))``."""
     _check_learning_rate(learning_rate)
-    return optax.chain(two_point(smoothing, num_directions, **kwargs),
-                       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+    return optax.chain(
+        two_point(smoothing, num_directions, direction=direction, scheme=scheme,
+                  chunk_size=chunk_size, seed=seed),
+        optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
 
 
-def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, **kwargs
-                ) -> optax.GradientTransformationExtraArgs:
+def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, *,
+                direction: str | Sampler = "gaussian", scheme: str = "central",
+                chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     """ZO-signSGD: steps of ``-learning_rate · sign(ĝ)``."""
     _check_learning_rate(learning_rate)
-    return optax.chain(two_point(smoothing, num_directions, **kwargs), optax.scale_by_sign(),
-                       optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(
+        two_point(smoothing, num_directions, direction=direction, scheme=scheme,
+                  chunk_size=chunk_size, seed=seed),
+        optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))

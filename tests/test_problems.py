@@ -1,0 +1,214 @@
+"""Closed-form losses and Hessian traces of zojax.problems against autodiff and numpy.
+
+The ``x64`` fixture (float64 for one test, previous setting restored) lives in conftest.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zojax.problems import (
+    AffineFeatures,
+    accuracy,
+    linear,
+    logistic_hessian_trace,
+    logistic_loss,
+    random_features,
+    squared_row_norms,
+    svm_hessian_trace,
+    svm_loss,
+    test_function,
+)
+
+LOSSES_AND_TRACES = pytest.mark.parametrize(
+    "loss, trace",
+    [(svm_loss, svm_hessian_trace), (logistic_loss, logistic_hessian_trace)],
+    ids=["svm", "logistic"],
+)
+
+
+def exact_trace(fn, w, *args):
+    return jnp.trace(jax.jit(jax.hessian(fn))(w, *args))
+
+
+def dense_problem(seed=0, n=40, dim=6):
+    rng = np.random.default_rng(seed)
+    features = jnp.asarray(rng.normal(size=(n, dim)))
+    labels = jnp.asarray(np.where(rng.random(n) < 0.4, 1.0, -1.0))
+    return features, labels, jnp.asarray(rng.normal(size=dim))
+
+
+@functools.cache  # built once (jit compile); only called from tests that enable x64
+def affine_problem(seed=0, n=50, d=5, m=40):
+    """float64 AffineFeatures (N=50, d=5, m=40) with raw inputs that are not standardized."""
+    rng = np.random.default_rng(seed)
+    raw_train = rng.normal(size=(n, d)) * rng.uniform(0.5, 3.0, d) + rng.normal(size=d)
+    raw_test = rng.normal(size=(n // 2, d))
+    train, test = random_features(
+        jax.random.key(seed), raw_train, raw_test, num_features=m, dtype=jnp.float64
+    )
+    labels = jnp.asarray(np.where(rng.random(n) < 0.4, 1.0, -1.0))
+    return train, test, labels, jnp.asarray(0.3 * rng.normal(size=m + 1))
+
+
+def assert_margins_away_from_kink(features, labels, w):
+    margins = labels * (features @ w)
+    assert 0 < int(jnp.sum(margins < 1)) < len(labels)  # both sides of the hinge are exercised
+    assert float(jnp.min(jnp.abs(margins - 1.0))) > 1e-3
+
+
+# --- test function (Example 2.1) -----------------------------------------------------------------
+
+
+def test_test_function_trace_matches_autodiff(x64):
+    rng = np.random.default_rng(0)
+    y, z = rng.normal(size=7), rng.normal(size=7)
+    params = {"y": jnp.asarray(y), "z": jnp.asarray(z)}
+    flat_loss = lambda flat: test_function.loss({"y": flat[:7], "z": flat[7:]})
+    hessian = jax.jit(jax.hessian(flat_loss))(jnp.concatenate([params["y"], params["z"]]))
+    np.testing.assert_allclose(test_function.hessian_trace(params), jnp.trace(hessian), rtol=1e-5)
+    np.testing.assert_allclose(test_function.loss(params), 0.5 * (y @ z - 1.0) ** 2, rtol=1e-12)
+
+
+def test_test_function_flattest_minimizer():
+    y = jnp.zeros(100).at[0].set(1.0)
+    params = {"y": y, "z": y}
+    assert float(test_function.loss(params)) == 0.0
+    assert float(test_function.hessian_trace(params)) == 2.0
+
+
+def test_test_function_init_params():
+    params = test_function.init_params(jax.random.key(0))
+    assert set(params) == {"y", "z"}
+    assert params["y"].shape == params["z"].shape == (100,)
+    assert params["y"].dtype == params["z"].dtype == jnp.float32
+    assert not np.allclose(params["y"], params["z"])  # key split, not reused
+    assert 120 < float(test_function.hessian_trace(params)) < 190  # E = 2·100·0.88² ≈ 155 ± 22
+    unit = test_function.init_params(jax.random.key(0), dim=3, scale=1.0)
+    doubled = test_function.init_params(jax.random.key(0), dim=3, scale=2.0)
+    np.testing.assert_allclose(doubled["y"], 2.0 * unit["y"])
+
+
+# --- losses against numpy ------------------------------------------------------------------------
+
+
+def test_losses_match_numpy(x64):
+    features, labels, w = dense_problem()
+    x, b, v = (np.asarray(a) for a in (features, labels, w))
+    margins = b * (x @ v)
+    svm = np.mean(np.maximum(0.0, 1.0 - margins) ** 2)
+    np.testing.assert_allclose(svm_loss(w, features, labels), svm, rtol=1e-12)
+    logistic = np.mean(np.log1p(np.exp(-margins)))
+    np.testing.assert_allclose(logistic_loss(w, features, labels), logistic, rtol=1e-12)
+    p, y = 1.0 / (1.0 + np.exp(-(x @ v))), (b + 1.0) / 2.0
+    cross_entropy = -np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
+    np.testing.assert_allclose(logistic_loss(w, features, labels), cross_entropy, rtol=1e-10)
+    np.testing.assert_allclose(accuracy(w, features, labels), np.mean(np.sign(x @ v) == b))
+
+
+def test_logistic_loss_is_stable_for_large_margins():
+    features, labels, w = jnp.ones((2, 1)), jnp.array([1.0, -1.0]), jnp.array([200.0])
+    np.testing.assert_allclose(logistic_loss(w, features, labels), 100.0, rtol=1e-6)  # (0+200)/2
+    assert np.isfinite(jax.grad(logistic_loss)(w, features, labels)).all()
+
+
+def test_accuracy_predicts_plus_one_at_zero():
+    value = accuracy(jnp.zeros(2), jnp.ones((3, 2)), jnp.array([1.0, 1.0, -1.0]))
+    assert float(value) == pytest.approx(2 / 3)
+
+
+# --- closed-form traces against jax.hessian ------------------------------------------------------
+
+
+@LOSSES_AND_TRACES
+def test_dense_trace_matches_autodiff(x64, loss, trace):
+    features, labels, w = dense_problem()
+    assert_margins_away_from_kink(features, labels, w)
+    expected = exact_trace(loss, w, features, labels)
+    np.testing.assert_allclose(trace(w, features, labels), expected, rtol=1e-5)
+
+
+@LOSSES_AND_TRACES
+def test_affine_trace_matches_autodiff(x64, loss, trace):
+    features, _, labels, w = affine_problem()
+    assert_margins_away_from_kink(features, labels, w)
+    expected = exact_trace(loss, w, features, labels)
+    np.testing.assert_allclose(trace(w, features, labels), expected, rtol=1e-5)
+    np.testing.assert_allclose(trace(w, features.dense(), labels), expected, rtol=1e-5)
+
+
+# --- AffineFeatures ------------------------------------------------------------------------------
+
+
+def test_affine_matmul_and_row_norms_match_dense(x64):
+    train, test, _, w = affine_problem()
+    for features in (train, test):
+        dense = features.dense()
+        assert features.shape == dense.shape == (features.inputs.shape[0], 41)
+        np.testing.assert_allclose(features @ w, dense @ w, rtol=1e-10, atol=1e-10)
+        dense_norms = jnp.sum(dense**2, axis=1)
+        np.testing.assert_allclose(squared_row_norms(features), dense_norms, rtol=1e-10)
+        np.testing.assert_allclose(squared_row_norms(dense), dense_norms, rtol=1e-12)
+        ws = jnp.stack([w, 2.0 * w, -w], axis=1)  # (D, k) right-hand sides
+        np.testing.assert_allclose(features @ ws, dense @ ws, rtol=1e-10, atol=1e-10)
+    dense = train.dense()  # the train split is standardized exactly
+    np.testing.assert_allclose(jnp.mean(dense[:, 1:], axis=0), 0.0, atol=1e-10)
+    np.testing.assert_allclose(jnp.std(dense[:, 1:], axis=0), 1.0, rtol=1e-8)
+    np.testing.assert_allclose(dense[:, 0], 1.0)
+
+
+def test_affine_float32_row_norms_match_dense():
+    rng = np.random.default_rng(1)
+    train, _ = random_features(jax.random.key(1), rng.normal(size=(200, 20)), num_features=2000)
+    assert train.inputs.dtype == train.projection.dtype == train.row_sq_norms.dtype == jnp.float32
+    np.testing.assert_allclose(train.row_sq_norms, jnp.sum(train.dense() ** 2, axis=1), rtol=1e-4)
+    # 1 + m standardized columns on average
+    np.testing.assert_allclose(jnp.mean(train.row_sq_norms), 2001.0, rtol=1e-4)
+
+
+def test_affine_under_vmap_grad_jit(x64):
+    train, _, labels, w = affine_problem()
+    ws = jnp.stack([w, -w, 0.5 * w])
+    tangent = jnp.ones_like(w)
+
+    @jax.jit
+    def transformed(features):  # AffineFeatures enters jit as a pytree of tracers
+        out = {"vmap_matmul": jax.vmap(lambda v: features @ v)(ws)}
+        for name, loss in (("svm", svm_loss), ("logistic", logistic_loss)):
+            out[f"{name}_grad"] = jax.grad(loss)(w, features, labels)
+            bound = functools.partial(loss, features=features, labels=labels)
+            out[f"{name}_jvp"] = jax.jvp(bound, (w,), (tangent,))
+            out[f"{name}_vmap"] = jax.vmap(loss, in_axes=(0, None, None))(ws, features, labels)
+        return out
+
+    got, want = transformed(train), transformed(train.dense())
+    assert got.keys() == want.keys()
+    for key in got:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    np.testing.assert_allclose(jax.grad(svm_loss)(w, train, labels), got["svm_grad"], rtol=1e-9)
+
+
+def test_random_features_test_split_uses_train_statistics(x64):
+    rng = np.random.default_rng(2)
+    raw = rng.normal(size=(30, 4)) * 5.0 + 3.0
+    raw[:, 2] = 7.0  # constant column: std 0 → 1
+    train, test = random_features(jax.random.key(0), raw, raw[:10], num_features=8, dtype="float64")
+    np.testing.assert_allclose(test.dense(), train.dense()[:10], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(train.inputs[:, 2], 0.0)
+    assert np.isfinite(train.dense()).all()
+
+
+def test_affine_features_create_matches_fields():
+    phi = jnp.arange(6.0).reshape(3, 2)
+    features = AffineFeatures.create(phi, jnp.ones((2, 4)), jnp.full(4, 0.5), jnp.full(4, 2.0))
+    dense_norms = jnp.sum(features.dense() ** 2, axis=1)
+    np.testing.assert_allclose(features.row_sq_norms, dense_norms, rtol=1e-5)
+
+
+def test_linear_init_params():
+    w = linear.init_params(jax.random.key(0), 10_001)
+    assert w.shape == (10_001,) and w.dtype == jnp.float32
+    assert 0.09 < float(jnp.std(w)) < 0.11

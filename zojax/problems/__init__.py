@@ -1,0 +1,33 @@
+"""Objectives the papers study, each with its closed-form Hessian trace.
+
+- :mod:`zojax.problems.test_function`: h(y, z) = (yᵀz − 1)²/2 (Example 2.1, Figure 1 of
+  "ZO finds flat minima").
+- :mod:`zojax.problems.linear`: squared-hinge SVM and logistic regression over dense or random
+  affine features (Figure 2). Its functions are re-exported here; ``init_params`` stays
+  namespaced (``linear.init_params``, ``test_function.init_params``) since both modules define it.
+"""
+
+from zojax.problems import linear, test_function
+from zojax.problems.linear import (
+    AffineFeatures,
+    accuracy,
+    logistic_hessian_trace,
+    logistic_loss,
+    random_features,
+    squared_row_norms,
+    svm_hessian_trace,
+    svm_loss,
+)
+
+__all__ = [
+    "AffineFeatures",
+    "accuracy",
+    "linear",
+    "logistic_hessian_trace",
+    "logistic_loss",
+    "random_features",
+    "squared_row_norms",
+    "svm_hessian_trace",
+    "svm_loss",
+    "test_function",
+]

@@ -1,0 +1,260 @@
+"""Linear classifiers of Figure 2 ("ZO finds flat minima"): squared-hinge SVM, logistic regression.
+
+Every function is pure with the parameters first, ``fn(w, features, labels)``, so it plugs into
+estimators that call ``fun(params, *args)``. Labels are b ∈ {−1, +1}. ``features`` is anything
+with ``features @ w``: a dense (N, D) array, or an :class:`AffineFeatures` map that never forms
+the N × D matrix.
+
+Closed-form Hessian traces (the paper's metrics), margins mᵢ = bᵢ xᵢᵀw, pᵢ = sigmoid(xᵢᵀw):
+
+    SVM (generalized Hessian):  tr ∇²f(w) = (2/N) Σ_{mᵢ < 1} ‖xᵢ‖²
+    logistic regression:        tr ∇²f(w) = (1/N) Σᵢ pᵢ (1 − pᵢ) ‖xᵢ‖²
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Full float32 matmuls (no TF32 on GPUs): ZO differences f(w + λu) − f(w − λu) need them.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+class AffineFeatures(NamedTuple):
+    """The random-feature map X = [1, (Φ W − μ)/σ] as an affine map that never forms X (N × m+1).
+
+    ``X @ w = w₀ + Φ (W (w₁:/σ)) − μᵀ(w₁:/σ)`` costs O(N d + d m) instead of O(N m). A NamedTuple
+    is a pytree, so instances pass through ``jit``, ``grad`` and ``vmap`` (over ``w``).
+
+    Attributes:
+        inputs: Φ, (N, d) standardized inputs.
+        projection: W, (d, m) Gaussian projection.
+        mean: μ, (m,) train mean of Φ_train W.
+        scale: σ, (m,) train standard deviation of Φ_train W (zeros replaced by one).
+        row_sq_norms: (N,) squared row norms ‖xᵢ‖² of X, constant column included.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> phi = jax.random.normal(jax.random.key(0), (4, 2))
+        >>> features = AffineFeatures.create(phi, jnp.ones((2, 3)), jnp.zeros(3), jnp.ones(3))
+        >>> features.shape
+        (4, 4)
+        >>> w = jnp.ones(4)
+        >>> bool(jnp.allclose(features @ w, features.dense() @ w, atol=1e-5))
+        True
+    """
+
+    inputs: jax.Array
+    projection: jax.Array
+    mean: jax.Array
+    scale: jax.Array
+    row_sq_norms: jax.Array
+
+    @classmethod
+    def create(cls, inputs, projection, mean, scale) -> "AffineFeatures":
+        """Builds the map and its row norms without forming N × m.
+
+        With A = W diag(1/σ) and c = μ/σ, ‖xᵢ‖² = 1 + φᵢ A Aᵀ φᵢᵀ − 2 φᵢ A c + ‖c‖², which needs
+        only the d × d Gram matrix A Aᵀ.
+
+        Args:
+            inputs: Φ, (N, d).
+            projection: W, (d, m).
+            mean: μ, (m,).
+            scale: σ, (m,), nonzero.
+
+        Returns:
+            The :class:`AffineFeatures`.
+        """
+        arrays = tuple(jnp.asarray(a) for a in (inputs, projection, mean, scale))
+        return cls(*arrays, _affine_row_sq_norms(*arrays))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, m + 1), the shape of the dense X."""
+        return (self.inputs.shape[0], self.projection.shape[1] + 1)
+
+    def __matmul__(self, w: jax.Array) -> jax.Array:
+        """Returns X w for w of shape (m+1,) or (m+1, k), in O(N d + d m) per column."""
+        v = w[1:] / self.scale.reshape(self.scale.shape + (1,) * (w.ndim - 1))
+        return w[0] + _mm(self.inputs, _mm(self.projection, v)) - _mm(self.mean, v)
+
+    def dense(self) -> jax.Array:
+        """Materializes X = [1, (Φ W − μ)/σ], shape (N, m + 1) (for tests and small baselines)."""
+        body = (_mm(self.inputs, self.projection) - self.mean) / self.scale
+        return jnp.concatenate([jnp.ones((body.shape[0], 1), body.dtype), body], axis=1)
+
+
+@jax.jit
+def _affine_row_sq_norms(inputs, projection, mean, scale):
+    a = projection / scale
+    c = mean / scale
+    quad = jnp.sum(_mm(inputs, _mm(a, a.T)) * inputs, axis=1)
+    return 1.0 + quad - 2.0 * _mm(inputs, _mm(a, c)) + jnp.vdot(c, c)
+
+
+def _matvec(features, w: jax.Array) -> jax.Array:
+    if isinstance(features, AffineFeatures):
+        return features @ w
+    return _mm(features, w)
+
+
+def squared_row_norms(features) -> jax.Array:
+    """Returns ‖xᵢ‖² per row: Σⱼ Xᵢⱼ² for a dense array, the stored norms for AffineFeatures.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> squared_row_norms(jnp.array([[1.0, 2.0], [0.0, 3.0]])).tolist()
+        [5.0, 9.0]
+    """
+    if isinstance(features, AffineFeatures):
+        return features.row_sq_norms
+    return jnp.sum(jnp.square(features), axis=1)
+
+
+def svm_loss(w: jax.Array, features, labels: jax.Array) -> jax.Array:
+    """Squared-hinge loss f(w) = (1/N) Σᵢ max(0, 1 − bᵢ xᵢᵀw)².
+
+    Args:
+        w: (D,) weights.
+        features: (N, D) dense array or :class:`AffineFeatures`.
+        labels: (N,) labels in {−1, +1}.
+
+    Returns:
+        The scalar mean loss.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, b = jnp.array([[1.0], [1.0]]), jnp.array([1.0, -1.0])
+        >>> float(svm_loss(jnp.array([0.5]), x, b))  # (0.5² + 1.5²) / 2
+        1.25
+    """
+    return jnp.mean(jnp.square(jax.nn.relu(1.0 - labels * _matvec(features, w))))
+
+
+def logistic_loss(w: jax.Array, features, labels: jax.Array) -> jax.Array:
+    """Logistic loss f(w) = (1/N) Σᵢ softplus(−bᵢ xᵢᵀw).
+
+    Equals the mean cross-entropy of pᵢ = sigmoid(xᵢᵀw) against yᵢ = (bᵢ + 1)/2 ∈ {0, 1};
+    ``softplus`` keeps it finite for large margins.
+
+    Args:
+        w: (D,) weights.
+        features: (N, D) dense array or :class:`AffineFeatures`.
+        labels: (N,) labels in {−1, +1}.
+
+    Returns:
+        The scalar mean loss.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, b = jnp.ones((2, 1)), jnp.array([1.0, -1.0])
+        >>> round(float(logistic_loss(jnp.zeros(1), x, b)), 4)  # log 2
+        0.6931
+    """
+    return jnp.mean(jax.nn.softplus(-labels * _matvec(features, w)))
+
+
+def accuracy(w: jax.Array, features, labels: jax.Array) -> jax.Array:
+    """Fraction of correct signs, mean(sign(xᵢᵀw) = bᵢ); a score of exactly 0 predicts +1.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, b = jnp.array([[1.0], [-1.0], [0.0], [2.0]]), jnp.ones(4)
+        >>> float(accuracy(jnp.array([1.0]), x, b))
+        0.75
+    """
+    predictions = jnp.where(_matvec(features, w) >= 0, 1.0, -1.0)
+    return jnp.mean(predictions == labels)
+
+
+def svm_hessian_trace(w: jax.Array, features, labels: jax.Array) -> jax.Array:
+    """Trace of the generalized Hessian of :func:`svm_loss`, (2/N) Σ_{bᵢ xᵢᵀw < 1} ‖xᵢ‖².
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, b = jnp.array([[1.0], [2.0]]), jnp.ones(2)
+        >>> float(svm_hessian_trace(jnp.array([0.5]), x, b))  # only row 1 has margin < 1
+        1.0
+    """
+    active = labels * _matvec(features, w) < 1.0
+    return 2.0 * jnp.mean(jnp.where(active, squared_row_norms(features), 0.0))
+
+
+def logistic_hessian_trace(w: jax.Array, features, labels: jax.Array) -> jax.Array:
+    """Trace of the Hessian of :func:`logistic_loss`, (1/N) Σᵢ pᵢ (1 − pᵢ) ‖xᵢ‖².
+
+    Here pᵢ = sigmoid(xᵢᵀw). ``labels`` is unused (the Hessian does not depend on them); it
+    keeps the ``fn(w, features, labels)`` signature.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> float(logistic_hessian_trace(jnp.zeros(1), jnp.array([[2.0]]), jnp.ones(1)))
+        1.0
+    """
+    del labels
+    scores = _matvec(features, w)
+    weights = jax.nn.sigmoid(scores) * jax.nn.sigmoid(-scores)  # p (1 − p), no cancellation
+    return jnp.mean(weights * squared_row_norms(features))
+
+
+@functools.partial(jax.jit, static_argnames=("num_features", "dtype"))
+def random_features(key: jax.Array, train_inputs, test_inputs=None, num_features: int = 10_000,
+                    dtype=jnp.float32) -> tuple[AffineFeatures, AffineFeatures | None]:
+    """The paper's linear-probing map X = [1, S₂(S₁(inputs) W)] as :class:`AffineFeatures`.
+
+    S₁ standardizes the raw inputs with the train mean/std (std 0 → 1), giving Φ;
+    W ~ N(0, 1)^{d × m}; S₂ standardizes Φ W with train statistics computed from d × d
+    quantities only: μ = mean(Φ_train) W and σ² = diag(Wᵀ C W) − μ², C = Φ_trainᵀ Φ_train / N
+    (σ = 0 → 1). Both splits use the train statistics. Jit-compiled.
+
+    Args:
+        key: typed PRNG key for W.
+        train_inputs: (N, d) raw train inputs.
+        test_inputs: optional (N_test, d) raw test inputs.
+        num_features: m, the number of random features (static); X has m + 1 columns.
+        dtype: floating dtype of every array (static; float64 for exact checks under x64).
+
+    Returns:
+        ``(train_features, test_features)``; ``test_features`` is None without ``test_inputs``.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> train, test = random_features(jax.random.key(0), np.eye(3), num_features=5)
+        >>> train.shape, test
+        ((3, 6), None)
+    """
+    train = jnp.asarray(train_inputs, dtype)
+    center = jnp.mean(train, axis=0)
+    spread = jnp.std(train, axis=0)
+    spread = jnp.where(spread > 0, spread, 1.0)
+    phi = (train - center) / spread
+    projection = jax.random.normal(key, (train.shape[1], num_features), dtype)
+
+    mean = _mm(jnp.mean(phi, axis=0), projection)
+    covariance = _mm(phi.T, phi) / phi.shape[0]
+    variance = jnp.sum(projection * _mm(covariance, projection), axis=0) - jnp.square(mean)
+    variance = jnp.maximum(variance, 0.0)
+    scale = jnp.where(variance > 0, jnp.sqrt(variance), 1.0)
+
+    train_features = AffineFeatures.create(phi, projection, mean, scale)
+    if test_inputs is None:
+        return train_features, None
+    test_phi = (jnp.asarray(test_inputs, dtype) - center) / spread
+    return train_features, AffineFeatures.create(test_phi, projection, mean, scale)
+
+
+def init_params(key: jax.Array, dim: int, scale: float = 0.1) -> jax.Array:
+    """Draws w₀ ~ N(0, scale² I_dim) (float32), the paper's initialization with scale = 0.1.
+
+    Example:
+        >>> import jax
+        >>> init_params(jax.random.key(0), 5).shape
+        (5,)
+    """
+    return scale * jax.random.normal(key, (dim,), jnp.float32)
