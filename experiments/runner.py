@@ -25,6 +25,8 @@ The runner
   null from then on, the other members go on, and :class:`NonFiniteError` names it at the end;
 - writes ``workdir/results.json`` (schema in :func:`run`) and ``workdir/<name>.png`` / ``.pdf``.
 
+:func:`load_params` restores every member's params from a checkpoint, for analysis.
+
 Config fields read here: ``num_steps``, ``eval_every``, ``log_evals``, ``evals_per_chunk``,
 ``checkpoint_every`` and optionally ``rng_impl`` and ``batch_members``.
 """
@@ -703,6 +705,35 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
         checkpoints.close()  # waits for the last save
     _cross_check(groups, "last")
     return _results(experiment, config_dict, groups, steps)
+
+
+def load_params(experiment: Experiment, config, workdir, step: int | None = None) -> dict:
+    """``{member name: params}`` restored from a checkpoint of ``workdir`` (default: the last).
+
+    The groups are rebuilt as :func:`run` builds them (same grouping, PRNG implementation and
+    starting point as templates), so ``experiment`` and ``config`` must be those of the run, e.g.
+    ``get_experiment(ml_collections.ConfigDict(results["config"]))``. A finished run's last
+    checkpoint holds the final params; a member that went non-finite holds its last good ones.
+
+    Raises:
+        FileNotFoundError: ``workdir`` has no checkpoint (or not ``step``).
+    """
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {workdir}.")
+    groups = _make_groups(experiment, config.get("rng_impl"), config.get("batch_members", "vmap"))
+    templates = [_init(g.program, g.problem.init_params, g.traced) for g in groups]
+    checkpoints = _checkpointer(pathlib.Path(workdir))
+    try:
+        step = checkpoints.latest_step() if step is None else step
+        if step is None or not (directory / str(step)).is_dir():
+            raise FileNotFoundError(f"no checkpoint of step {step} in {directory}.")
+        states, _ = checkpoints.restore(step, templates)
+    finally:
+        checkpoints.close()
+    params = {member.name: jax.tree.map(lambda x, i=i: x[i], state.params)
+              for group, state in zip(groups, states) for i, member in enumerate(group.members)}
+    return {member.name: params[member.name] for member in experiment.members}
 
 
 def _import_in_background(*modules: str) -> None:
