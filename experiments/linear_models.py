@@ -55,7 +55,7 @@ LOSSES = {"svm": Loss("SVM (squared hinge)", linear.svm_loss, linear.svm_hessian
 # costs about 6 ms per product for any B (it re-lays out the whole matrix), against 0.2-0.5 ms
 # for the product laid out as (N, d)·(d, B). `_FastFeatures` keeps the library's map and formulas
 # (it is an AffineFeatures, so every zojax.problems.linear function takes it) and only changes
-# how a batch of products is laid out. TODO: move into zojax.problems.linear.AffineFeatures.
+# how a batch of products is laid out (a candidate for zojax.problems.linear.AffineFeatures).
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -90,7 +90,9 @@ def test_vmap_over_seeds(name):
     out = jax.jit(jax.vmap(run))(jnp.arange(4))
     assert out["w"].shape == (4, 3)
     assert not np.allclose(out["w"][0], out["w"][1])
-    np.testing.assert_allclose(out["w"][2], run(2)["w"], rtol=1e-6)
+    # Both compiled: eager and jitted programs need not agree to the last bit, and ZO amplifies
+    # last-bit differences of f by |f|/λ.
+    np.testing.assert_allclose(out["w"][2], jax.jit(run)(2)["w"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", REGISTRY)
