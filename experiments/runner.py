@@ -65,9 +65,10 @@ class Problem:
 
     Attributes:
         loss: ``loss(params, *data) -> scalar``, the training objective (the optimizers'
-            ``value_fn``). Use a module-level function: compiled programs are cached on it.
-        metrics: ``metrics(params, *data) -> {name: scalar}``, recorded at every evaluation;
-            must contain ``"loss"`` (used to detect divergence).
+            ``value_fn``); a non-finite value at an evaluation marks the member as diverged.
+            Use a module-level function: compiled programs are cached on it.
+        metrics: ``metrics(params, *data) -> {name: scalar}``, recorded at every evaluation
+            (computed after each chunk, vmapped over its evaluations); must contain ``"loss"``.
         init_params: the starting point shared by every member trained on this problem.
         data: arrays passed to ``loss`` and ``metrics`` (arguments of the compiled program, not
             constants baked into it).
@@ -289,7 +290,13 @@ def _init(program: _Program, params, traced) -> TrainState:
 
 
 def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
-    """Runs ``gaps[i]`` steps then evaluates the metrics, for each ``i``; one member."""
+    """Runs ``gaps[i]`` steps then evaluates the metrics, for each ``i``; one member.
+
+    The scan checks the objective at every evaluation (divergence) and records the parameters;
+    the metrics are computed after it, vmapped over the chunk's evaluations: the test-set products
+    of a linear model then make one pass over the test matrix per chunk instead of one per
+    evaluation (memory: ``evals_per_chunk`` copies of the parameters).
+    """
     optimizer = _optimizer(program, traced)
 
     def value_fn(params):
@@ -303,14 +310,15 @@ def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
 
     def segment(state: TrainState, gap):
         params, opt_state = jax.lax.fori_loop(0, gap, step, (state.params, state.opt_state))
-        metrics = dict(program.metrics(params, *data))
-        failed = (state.failed | ~jnp.isfinite(metrics["loss"])
+        failed = (state.failed | ~jnp.isfinite(value_fn(params))
                   | (_num_nonfinite(opt_state) > 0))
         keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(failed, old, new))
         state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), failed)
-        return state, {k: jnp.where(failed, jnp.nan, v) for k, v in metrics.items()}
+        return state, (state.params, failed)
 
-    return jax.lax.scan(segment, state, gaps)
+    state, (params, failed) = jax.lax.scan(segment, state, gaps)
+    metrics = jax.vmap(lambda p: dict(program.metrics(p, *data)))(params)
+    return state, {k: jnp.where(failed, jnp.nan, v) for k, v in metrics.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -320,9 +328,14 @@ def _train_chunk(program: _Program, state: TrainState, gaps, data, traced):
     ``vmap`` vectorizes the members (the batched matrix products of large problems);
     ``map`` runs them one after another inside the program: for tiny problems (Figure 1) that
     is faster on CPU than batching their small ops, and each member then runs exactly the
-    computation of a standalone run.
+    computation of a standalone run. A single member always runs unbatched (a batch of one
+    gives XLA no speed-up, and on CPU can pick slower layouts for its matrix products).
     """
     chunk = functools.partial(_member_chunk, program)
+    if jax.tree.leaves(state)[0].shape[0] == 1:  # one member: its standalone program, unbatched
+        squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+        state, metrics = chunk(squeeze(state), gaps, data, squeeze(traced))
+        return jax.tree.map(lambda x: x[None], (state, metrics))
     if program.batching == "map":
         return jax.lax.map(lambda args: chunk(args[0], gaps, data, args[1]), (state, traced))
     return jax.vmap(chunk, in_axes=(0, None, None, 0))(state, gaps, data, traced)
@@ -413,38 +426,49 @@ def _run_chunk(group: _Group, gaps: np.ndarray, size: int) -> None:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _metric_and_reference(metrics, name, reference, params, data):
-    ours = jax.vmap(lambda p: metrics(p, *data)[name])(params)
-    # One member at a time: references (exact traces) are memory-hungry.
-    return ours, jax.lax.map(lambda p: reference(p, *data), params)
+    return metrics(params, *data)[name], reference(params, *data)
 
 
-def _cross_check(groups: list[_Group], when: str, rtol: float = 1e-4) -> None:
+def _start_cross_check(groups: list[_Group], when: str, pool: concurrent.futures.Executor,
+                       rtol: float = 1e-4) -> concurrent.futures.Future:
     """Compares metrics with their reference implementations on every member's current params.
 
-    Members of one problem are checked together (one compiled program per problem and metric);
-    at the first evaluation they all share the problem's starting point, so one is checked.
+    Runs in ``pool`` (the future raises RuntimeError on a mismatch) alongside compilation or
+    plotting: the references (exact traces) are slow. Members are checked one at a time, so each
+    problem and metric compiles one program, shared by the first and the last evaluation; at the
+    first evaluation every member of a problem starts from the same point, so one is checked.
     Diverged members are skipped.
     """
     by_problem: dict[int, list[_Group]] = {}
     for group in groups:
         by_problem.setdefault(id(group.problem), []).append(group)
+    jobs = []  # what to check, read now: the groups' states move on while the checks run
     for problem_groups in by_problem.values():
-        problem = problem_groups[0].problem
-        params = jax.tree.map(lambda *x: jnp.concatenate(x),
-                              *[g.state.params for g in problem_groups])
-        ok = ~np.concatenate([np.asarray(g.state.failed) for g in problem_groups])
-        if when == "first":
-            params, ok = jax.tree.map(lambda x: x[:1], params), ok[:1]
-        for name, reference in problem.reference_metrics.items():
-            ours, theirs = map(np.asarray, _metric_and_reference(
-                problem.metrics, name, reference, params, problem_groups[0].data))
-            rel = np.abs(ours - theirs) / np.maximum(np.abs(theirs), 1e-30)
-            worst = float(np.max(rel[ok], initial=0.0))
-            if worst > rtol:
-                raise RuntimeError(f"{name} at the {when} evaluation differs from its reference "
-                                   f"by {worst:.2e} (relative).")
-            logging.info("cross-check at the %s evaluation: %s matches its reference (max "
-                         "relative difference %.1e).", when, name, worst)
+        members = [(params, bool(failed)) for g in problem_groups for params, failed in zip(
+            _unstack(g.state.params, len(g.members)), np.asarray(g.state.failed))]
+        jobs.append((problem_groups[0].problem, problem_groups[0].data,
+                     [params for params, failed in members[:1 if when == "first" else None]
+                      if not failed]))
+
+    def check():
+        for problem, data, members in jobs:
+            for name, reference in problem.reference_metrics.items():
+                worst = 0.0
+                for params in members:
+                    ours, theirs = map(float, _metric_and_reference(
+                        problem.metrics, name, reference, params, data))
+                    worst = max(worst, abs(ours - theirs) / max(abs(theirs), 1e-30))
+                if worst > rtol:
+                    raise RuntimeError(f"{name} at the {when} evaluation differs from its "
+                                       f"reference by {worst:.2e} (relative).")
+                logging.info("cross-check at the %s evaluation: %s matches its reference (max "
+                             "relative difference %.1e).", when, name, worst)
+
+    return pool.submit(check)
+
+
+def _unstack(tree, size: int) -> list:
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(size)]
 
 
 class Interrupted(Exception):
@@ -597,12 +621,15 @@ def _fmt(value) -> str:
     return "null" if value is None else f"{value:.4g}"
 
 
-def _finish(experiment: Experiment, results: dict, workdir: pathlib.Path) -> dict:
-    """Draws the plot, prints the summary, raises NonFiniteError for diverged members."""
+def _draw(experiment: Experiment, results: dict, workdir: pathlib.Path) -> None:
     if experiment.plot is not None:
         figure = experiment.plot(results)
         for suffix in (".png", ".pdf"):
             figure.savefig(workdir / f"{experiment.name}{suffix}", dpi=150)
+
+
+def _report(experiment: Experiment, results: dict, workdir: pathlib.Path) -> dict:
+    """Prints the summary; raises NonFiniteError for diverged members."""
     print((experiment.summary or summarize)(results))
     failed = non_finite_members(results)
     if failed:
@@ -634,6 +661,7 @@ def run(experiment: Experiment, config, workdir, *, overwrite: bool = False) -> 
         ConfigMismatchError: ``workdir`` holds a different config and not ``overwrite``.
         Interrupted: SIGINT/SIGTERM (after checkpointing).
         NonFiniteError: some members went non-finite (after writing the results).
+        RuntimeError: a metric differs from its reference (results.json is not written).
     """
     validate(config)
     workdir = pathlib.Path(workdir)
@@ -642,18 +670,25 @@ def run(experiment: Experiment, config, workdir, *, overwrite: bool = False) -> 
         results = _prepare_workdir(workdir, experiment.name, config_dict, overwrite)
         if results is not None:
             logging.info("%s is finished: printing its summary and redrawing its plot.", workdir)
+            _draw(experiment, results, workdir)
         else:
             if experiment.plot is not None:  # ~0.5 s of imports, overlapping compilation
                 _import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg",
                                       "matplotlib.backends.backend_pdf")
-            results = _train(experiment, config, config_dict, workdir, stop)
+            with concurrent.futures.ThreadPoolExecutor(1) as checker:
+                results, last_check = _train(experiment, config, config_dict, workdir, stop,
+                                             checker)
+                _draw(experiment, results, workdir)  # while the last cross-check runs
+                last_check.result()
             _write_json(workdir / "results.json", results)
-    return _finish(experiment, results, workdir)
+    return _report(experiment, results, workdir)
 
 
 def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.Path,
-           stop: _StopSignals) -> dict:
-    """The chunk loop, resumed from the last checkpoint; returns the results."""
+           stop: _StopSignals, checker: concurrent.futures.Executor
+           ) -> tuple[dict, concurrent.futures.Future]:
+    """The chunk loop, resumed from the last checkpoint; returns the results and the cross-check
+    of the last evaluation (still running in ``checker``)."""
     steps = eval_steps(config)
     chunks = _chunks(steps, config.evals_per_chunk)
     groups = _make_groups(experiment, config.get("rng_impl"), config.get("batch_members", "vmap"))
@@ -666,7 +701,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     with concurrent.futures.ThreadPoolExecutor() as pool:  # compiles while the rest is set up
         started = time.perf_counter()
         compiling = _compile(groups, config.evals_per_chunk, pool)
-        _cross_check(groups, "first")
+        first_check = _start_cross_check(groups, "first", checker)
         checkpoints = _checkpointer(workdir)
         start = 0
         if (latest := checkpoints.latest_step()) is not None:
@@ -680,6 +715,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
             logging.info("Resuming %s from step %d.", workdir, latest)
         for group, compiled in zip(groups, compiling):
             group.run_chunk = compiled.result()
+        first_check.result()  # before training: the checks would slow it down more than they take
     logging.info("Compiled %d program(s) for %d members in %.1f s.", len(groups),
                  len(experiment.members), time.perf_counter() - started)
 
@@ -692,12 +728,16 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
 
     import tqdm  # lazy
 
+    # Programs of different groups run side by side: XLA releases the GIL, and one program's
+    # matrix-vector products leave CPU cores idle.
+    workers = min(len(groups), os.cpu_count() or 1)
     try:
-        with tqdm.tqdm(total=config.num_steps, initial=reached(start), unit="step",
-                       desc=experiment.name) as bar:
+        with (tqdm.tqdm(total=config.num_steps, initial=reached(start), unit="step",
+                        desc=experiment.name) as bar,
+              concurrent.futures.ThreadPoolExecutor(workers) as pool):
             for index in range(start, len(chunks)):
-                for group in groups:
-                    _run_chunk(group, chunks[index], config.evals_per_chunk)
+                list(pool.map(lambda group: _run_chunk(group, chunks[index],
+                                                       config.evals_per_chunk), groups))
                 done = index + 1
                 bar.update(reached(done) - bar.n)
                 bar.set_postfix_str(_postfix(groups, experiment.progress_metrics), refresh=False)
@@ -707,8 +747,8 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
                     raise Interrupted(stop.signum, reached(done), workdir)
     finally:
         checkpoints.close()  # waits for the last save
-    _cross_check(groups, "last")
-    return _results(experiment, config_dict, groups, steps)
+    return (_results(experiment, config_dict, groups, steps),
+            _start_cross_check(groups, "last", checker))
 
 
 def load_params(experiment: Experiment, config, workdir, step: int | None = None) -> dict:
@@ -735,8 +775,8 @@ def load_params(experiment: Experiment, config, workdir, step: int | None = None
         states, _ = checkpoints.restore(step, templates)
     finally:
         checkpoints.close()
-    params = {member.name: jax.tree.map(lambda x, i=i: x[i], state.params)
-              for group, state in zip(groups, states) for i, member in enumerate(group.members)}
+    params = {member.name: params for group, state in zip(groups, states)
+              for member, params in zip(group.members, _unstack(state.params, len(group.members)))}
     return {member.name: params[member.name] for member in experiment.members}
 
 
