@@ -736,8 +736,8 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
                         desc=experiment.name) as bar,
               concurrent.futures.ThreadPoolExecutor(workers) as pool):
             for index in range(start, len(chunks)):
-                list(pool.map(lambda group: _run_chunk(group, chunks[index],
-                                                       config.evals_per_chunk), groups))
+                list(pool.map(functools.partial(_run_chunk, gaps=chunks[index],
+                                                size=config.evals_per_chunk), groups))
                 done = index + 1
                 bar.update(reached(done) - bar.n)
                 bar.set_postfix_str(_postfix(groups, experiment.progress_metrics), refresh=False)
