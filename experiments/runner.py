@@ -12,7 +12,8 @@ The runner
 - groups the members that share a problem, a method and the method's static hyperparameters
   (``num_directions``, ``direction``, ...), stacks their traced ones (``learning_rate``,
   ``smoothing``, ``seed``) and runs them in one compiled program, vmapped (or, with
-  ``batch_members="map"``, one after another: faster for tiny problems);
+  ``batch_members="separate"``, each member alone in its own run of one shared compilation:
+  faster for tiny problems); programs run side by side on the CPU cores;
 - runs ``num_steps`` steps as jitted ``lax.scan`` chunks of ``evals_per_chunk`` evaluations,
   the metrics computed inside the program; between chunks it appends them, advances a progress
   bar and writes an orbax checkpoint every ``checkpoint_every`` chunks (and on SIGINT/SIGTERM,
@@ -197,6 +198,7 @@ def sweep(method: str, fields, problem: Problem, name: str | None = None) -> lis
 # Config checks.
 
 SCHEDULE_FIELDS = ("num_steps", "eval_every", "evals_per_chunk", "checkpoint_every")
+BATCHING = ("vmap", "separate")  # values of config.batch_members
 POSITIVE_FIELDS = (*SCHEDULE_FIELDS, "learning_rate", "smoothing", "num_directions")
 
 
@@ -239,8 +241,8 @@ def validate(config, positive: Sequence[str] = POSITIVE_FIELDS) -> None:
             _check_positive(f"config.{path}", value)
     if config.get("log_evals", 0) < 0:
         raise ConfigError(f"config.log_evals must be >= 0, got {config.log_evals!r}.")
-    if config.get("batch_members", "vmap") not in ("vmap", "map"):
-        raise ConfigError(f"config.batch_members must be 'vmap' or 'map', got "
+    if config.get("batch_members", "vmap") not in BATCHING:
+        raise ConfigError(f"config.batch_members must be one of {BATCHING}, got "
                           f"{config.batch_members!r}.")
 
 
@@ -265,7 +267,6 @@ class _Program:
     metrics: Callable
     static: tuple[tuple[str, Any], ...]  # the static hyperparameters, sorted by name.
     rng_impl: str | None  # PRNG implementation of the keys (None: JAX's default).
-    batching: str  # "vmap" or "map": how the members run inside the program.
 
 
 def _optimizer(program: _Program, traced) -> optax.GradientTransformationExtraArgs:
@@ -325,19 +326,15 @@ def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
 def _train_chunk(program: _Program, state: TrainState, gaps, data, traced):
     """One chunk of every member (axis 0 of ``state`` and ``traced``); metrics (M, K).
 
-    ``vmap`` vectorizes the members (the batched matrix products of large problems);
-    ``map`` runs them one after another inside the program: for tiny problems (Figure 1) that
-    is faster on CPU than batching their small ops, and each member then runs exactly the
-    computation of a standalone run. A single member always runs unbatched (a batch of one
-    gives XLA no speed-up, and on CPU can pick slower layouts for its matrix products).
+    Members are vmapped (the batched matrix products of large problems). A single member runs
+    unbatched: a batch of one gives XLA no speed-up, and on CPU can pick slower layouts for its
+    matrix products.
     """
     chunk = functools.partial(_member_chunk, program)
     if jax.tree.leaves(state)[0].shape[0] == 1:  # one member: its standalone program, unbatched
         squeeze = functools.partial(jax.tree.map, lambda x: x[0])
         state, metrics = chunk(squeeze(state), gaps, data, squeeze(traced))
         return jax.tree.map(lambda x: x[None], (state, metrics))
-    if program.batching == "map":
-        return jax.lax.map(lambda args: chunk(args[0], gaps, data, args[1]), (state, traced))
     return jax.vmap(chunk, in_axes=(0, None, None, 0))(state, gaps, data, traced)
 
 
@@ -362,6 +359,8 @@ class _Group:
 
 def _make_groups(experiment: Experiment, rng_impl: str | None = None,
                  batching: str = "vmap") -> list[_Group]:
+    """Members grouped by problem, method and static hyperparameters (``batching="vmap"``), or
+    one group per member (``"separate"``: equal programs then share one compilation)."""
     names = [member.name for member in experiment.members]
     if not names or len(set(names)) < len(names):
         raise ConfigError(f"an experiment needs members with distinct names, got {names}.")
@@ -376,14 +375,14 @@ def _make_groups(experiment: Experiment, rng_impl: str | None = None,
         method = experiment.methods[member.method]
         traced = tuple(k for k in method.traced if k in member.hparams)
         static = tuple(sorted((k, v) for k, v in member.hparams.items() if k not in traced))
-        program = _Program(method, member.problem.loss, member.problem.metrics, static, rng_impl,
-                           batching)
-        key = (id(member.problem), program, traced)
+        program = _Program(method, member.problem.loss, member.problem.metrics, static, rng_impl)
+        key = (id(member.problem), program, traced,
+               member.name if batching == "separate" else None)
         if key not in groups:
             data = jax.tree.map(jnp.asarray, tuple(member.problem.data))
             groups[key] = _Group(program, member.problem, [], {}, data)
         groups[key].members.append(member)
-    for (_, _, traced), group in groups.items():
+    for (_, _, traced, _), group in groups.items():
         group.traced = {k: jnp.asarray([m.hparams[k] for m in group.members]) for k in traced}
     return list(groups.values())
 
@@ -403,15 +402,21 @@ def _chunks(steps: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def _compile(groups: list[_Group], size: int, pool: concurrent.futures.Executor) -> list:
-    """Starts compiling every group's chunk program in ``pool``; returns the futures."""
+    """Starts compiling every group's chunk program in ``pool``; returns the futures (one per
+    group; groups with equal programs and shapes share one)."""
     gaps = np.zeros(size, np.int32)
 
     def shapes(tree):  # compile for shapes only: restored (committed) arrays hit the cache too
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
-    lowered = [_train_chunk.lower(g.program, *shapes((g.state, gaps, g.data, g.traced)))
-               for g in groups]
-    return [pool.submit(low.compile) for low in lowered]
+    futures = {}
+    for g in groups:
+        args = shapes((g.state, gaps, g.data, g.traced))
+        key = (g.program, jax.tree.structure(args), tuple(jax.tree.leaves(args)))
+        if key not in futures:
+            futures[key] = pool.submit(_train_chunk.lower(g.program, *args).compile)
+        g.run_chunk = futures[key]
+    return [g.run_chunk for g in groups]
 
 
 def _run_chunk(group: _Group, gaps: np.ndarray, size: int) -> None:

@@ -43,7 +43,7 @@ def smoke(tmp_path_factory):
 # between a vmapped and a standalone program stay at rounding level: logistic regression on
 # random data. (Figure 1's loss near a minimizer is the square of a residual cancelling to
 # ~1e-3: there last-bit differences show up as percent-level loss differences, one reason its
-# config runs its members with batch_members="map", bitwise equal to standalone runs.)
+# config runs its members with batch_members="separate", each a standalone run.)
 def logistic_loss(w, x, y):
     return jnp.mean(jax.nn.softplus(-y * (x @ w)))
 
@@ -91,7 +91,7 @@ def test_vmapped_members_equal_standalone_runs(tmp_path):
 
 def test_figure1_members_equal_standalone_runs(smoke, tmp_path):
     config, _, results = smoke
-    assert config.batch_members == "map"  # the λ sweep runs member after member in one program
+    assert config.batch_members == "separate"  # the λ sweep: one compilation, runs side by side
     experiment = test_function.get_experiment(config)
     for member, run in zip(experiment.members, results["runs"]):
         if member.method != "zo":
@@ -222,9 +222,11 @@ def test_bad_members_are_errors():
         runner._make_groups(runner.Experiment("x", [negative]), None)
 
 
-def test_diverging_members_are_marked_and_the_others_finish(smoke, tmp_path):
+@pytest.mark.parametrize("batching", ["separate", "vmap"])
+def test_diverging_members_are_marked_and_the_others_finish(smoke, tmp_path, batching):
     config = test_function_config.get_config("smoke")
-    # Groups shaped like the smoke run's (1 GD, 3 ZO, 1 forward_grad): its compiled programs.
+    config.batch_members = batching  # "vmap": a diverging member inside a vmapped group
+    # Members shaped like the smoke run's (1 GD, 3 ZO, 1 forward_grad): its compiled programs.
     config.gd.learning_rate = (100.0,)  # GD's loss overflows
     config.zo.learning_rate = (0.001, 0.002, 1e4)  # ZO's evaluations overflow: num_nonfinite
     config.zo.smoothing = (0.1,)
@@ -245,9 +247,10 @@ def test_diverging_members_are_marked_and_the_others_finish(smoke, tmp_path):
     # The others are unaffected: they equal the smoke run's members with the same settings.
     expected = {run["name"]: run for run in smoke[2]["runs"]}
     assert runs["forward_grad"]["metrics"] == expected["forward_grad"]["metrics"]
-    np.testing.assert_allclose(runs["zo(learning_rate=0.001)"]["metrics"]["hessian_trace"],
-                               expected["zo(smoothing=0.1)"]["metrics"]["hessian_trace"],
-                               rtol=1e-6)
+    if batching == "separate":  # vmapped, last bits differ and grow on this problem
+        np.testing.assert_allclose(runs["zo(learning_rate=0.001)"]["metrics"]["hessian_trace"],
+                                   expected["zo(smoothing=0.1)"]["metrics"]["hessian_trace"],
+                                   rtol=1e-6)
     assert all(v is not None for v in runs["zo(learning_rate=0.002)"]["metrics"]["loss"])
     # The last checkpoint holds the diverged members frozen at their last good point.
     from experiments import checkpointing
@@ -260,7 +263,9 @@ def test_diverging_members_are_marked_and_the_others_finish(smoke, tmp_path):
     manager.close()
     for state in states:
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
-    assert [state.failed.tolist() for state in states] == [[True], [False, False, True], [False]]
+    expected = ([[True], [False], [False], [True], [False]] if batching == "separate"
+                else [[True], [False, False, True], [False]])
+    assert [state.failed.tolist() for state in states] == expected
 
 
 def test_eval_steps_and_sweep_names():
