@@ -267,6 +267,9 @@ class _Program:
     metrics: Callable
     static: tuple[tuple[str, Any], ...]  # the static hyperparameters, sorted by name.
     rng_impl: str | None  # PRNG implementation of the keys (None: JAX's default).
+    # Every member has the same seed, so the same PRNG keys at every step: the vmapped program
+    # draws each direction once for all members (common random numbers) instead of once each.
+    shared_keys: bool = False
 
 
 def _optimizer(program: _Program, traced) -> optax.GradientTransformationExtraArgs:
@@ -313,7 +316,10 @@ def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
         params, opt_state = jax.lax.fori_loop(0, gap, step, (state.params, state.opt_state))
         failed = (state.failed | ~jnp.isfinite(value_fn(params))
                   | (_num_nonfinite(opt_state) > 0))
-        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(failed, old, new))
+        # A diverged member keeps its last good state; its PRNG keys move on (with shared keys
+        # they stay the same for every member).
+        keep = functools.partial(jax.tree.map, lambda new, old: new if _is_key(new)
+                                 else jnp.where(failed, old, new))
         state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), failed)
         return state, (state.params, failed)
 
@@ -331,11 +337,23 @@ def _train_chunk(program: _Program, state: TrainState, gaps, data, traced):
     matrix products.
     """
     chunk = functools.partial(_member_chunk, program)
-    if jax.tree.leaves(state)[0].shape[0] == 1:  # one member: its standalone program, unbatched
+    size = jax.tree.leaves(state)[0].shape[0]
+    if size == 1:  # one member: its standalone program, unbatched
         squeeze = functools.partial(jax.tree.map, lambda x: x[0])
         state, metrics = chunk(squeeze(state), gaps, data, squeeze(traced))
         return jax.tree.map(lambda x: x[None], (state, metrics))
-    return jax.vmap(chunk, in_axes=(0, None, None, 0))(state, gaps, data, traced)
+    # Shared keys enter (and leave) the vmap unbatched: one draw per step for all members.
+    axes = jax.tree.map(lambda x: None if program.shared_keys and _is_key(x) else 0, state)
+    state = jax.tree.map(lambda x, axis: x if axis == 0 else x[0], state, axes)
+    state, metrics = jax.vmap(chunk, in_axes=(axes, None, None, 0), out_axes=(axes, 0))(
+        state, gaps, data, traced)
+    state = jax.tree.map(lambda x, axis: x if axis == 0 else jnp.broadcast_to(x, (size, *x.shape)),
+                         state, axes)
+    return state, metrics
+
+
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,6 +402,8 @@ def _make_groups(experiment: Experiment, rng_impl: str | None = None,
         groups[key].members.append(member)
     for (_, _, traced, _), group in groups.items():
         group.traced = {k: jnp.asarray([m.hparams[k] for m in group.members]) for k in traced}
+        seeds = {m.hparams.get("seed", 0) for m in group.members}
+        group.program = dataclasses.replace(group.program, shared_keys=len(seeds) == 1)
     return list(groups.values())
 
 

@@ -62,7 +62,7 @@ def schedule_config(**overrides):
     return config
 
 
-def logistic_experiment():
+def logistic_experiment(seeds=(0, 1)):
     x = jax.random.normal(jax.random.key(1), (64, 10))
     noise = jax.random.normal(jax.random.key(2), (64,))
     y = jnp.sign(x @ jnp.linspace(-1.0, 1.0, 10) + 0.5 * noise)
@@ -70,16 +70,20 @@ def logistic_experiment():
     members = (
         runner.sweep("gd", {"learning_rate": (0.5, 0.1)}, problem)
         + runner.sweep("zo", {"learning_rate": (0.1, 0.05), "smoothing": (0.1, 0.01),
-                              "num_directions": 2, "seed": (0, 1)}, problem)
+                              "num_directions": 2, "seed": seeds}, problem)
     )
     return runner.Experiment("logistic", members)
 
 
-def test_vmapped_members_equal_standalone_runs(tmp_path):
-    experiment = logistic_experiment()
+@pytest.mark.parametrize("seeds", [(0, 1), (0,)])
+def test_vmapped_members_equal_standalone_runs(tmp_path, seeds):
+    experiment = logistic_experiment(seeds)
     config = schedule_config()  # batch_members: "vmap" (the default)
     together = runner.run(experiment, config, tmp_path / "together")
-    assert len(runner._make_groups(experiment, "threefry2x32")) == 2  # gd, zo
+    groups = runner._make_groups(experiment, "threefry2x32")
+    assert len(groups) == 2  # gd, zo
+    # One seed: the ZO members share their keys, and the program draws each direction once.
+    assert groups[1].program.shared_keys == (len(seeds) == 1)
     for member, run in zip(experiment.members, together["runs"]):
         alone = runner.run(runner.Experiment("logistic", [member]), config,
                            tmp_path / member.name)["runs"][0]
