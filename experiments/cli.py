@@ -72,6 +72,16 @@ def _enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+def _exit_now() -> None:
+    """Ends a finished command without the interpreter's teardown (~0.4 s of finalizing modules,
+    thread pools and the XLA client): results, plots and checkpoints are written and closed by
+    then, and the output streams are flushed here."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(train_and_evaluate: Callable[..., object]) -> None:
     """Parses the flags and calls ``train_and_evaluate(config, workdir, overwrite=...)``.
 
@@ -97,6 +107,7 @@ def main(train_and_evaluate: Callable[..., object]) -> None:
         _enable_compilation_cache()
         try:
             train_and_evaluate(config.value, workdir.value, overwrite=overwrite.value)
+            _exit_now()
         except runner.Interrupted as interrupted:
             print(interrupted, file=sys.stderr)
             sys.exit(128 + interrupted.signum)
