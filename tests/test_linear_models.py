@@ -99,8 +99,8 @@ def test_closed_form_traces_match_zojax_hessian_trace():
     data = datasets.synthetic_libsvm(seed=1, like="w1a")
     train, test = linear.random_features(jax.random.key(0), data.train_inputs,
                                          data.test_inputs, num_features=200)
-    features = linear_models._FastFeatures(*train)
-    args = (features, jnp.asarray(data.train_labels), linear_models._FastFeatures(*test),
+    features = linear_models._FastFeatures.of(train)
+    args = (features, jnp.asarray(data.train_labels), linear_models._FastFeatures.of(test),
             jnp.asarray(data.test_labels))
     ws = jnp.stack([linear.init_params(jax.random.key(2), features.shape[1], scale)
                     for scale in (0.1, 1.0)])
@@ -131,7 +131,7 @@ def test_fast_features_equal_the_library_map():
                     jax.vmap(jax.grad(loss), (0, None, None))(ws, features, labels)]
         return out
 
-    for ours, expected in zip(everything(linear_models._FastFeatures(*train)), everything(train),
+    for ours, expected in zip(everything(linear_models._FastFeatures.of(train)), everything(train),
                               strict=True):
         np.testing.assert_allclose(ours, expected, rtol=2e-5,
                                    atol=2e-6 * float(jnp.max(jnp.abs(expected))))
