@@ -213,6 +213,12 @@ def test_missing_schedule_field_is_an_error(tmp_path):
         runner.run(logistic_experiment(), config, tmp_path)
 
 
+def test_unknown_batch_members_is_an_error(tmp_path):
+    config = schedule_config(batch_members="map")  # the old name of "separate"
+    with pytest.raises(ValueError, match=r"batch_members must be one of \('vmap', 'separate'\)"):
+        runner.run(logistic_experiment(), config, tmp_path)
+
+
 def test_bad_members_are_errors():
     problem = runner.Problem(logistic_loss, logistic_metrics, jnp.zeros(3))
     experiment = runner.Experiment("x", [runner.Member("m", "adam", {}, problem)])
