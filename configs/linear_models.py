@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_steps = 10_000  # iterations of every run.
     config.eval_every = 10  # train/test loss, trace and accuracy every this many steps (and 0)...
     config.log_evals = 30  # ...plus this many log-spaced steps, for the log x-axis (0: none).
-    config.evals_per_chunk = 100  # evaluations per compiled chunk (progress-bar granularity).
+    config.evals_per_chunk = 100  # at most this many evaluations per compiled chunk (progress bar).
     config.checkpoint_every = 5  # chunks between checkpoints (the last chunk always saves).
     # PRNG of the directions (a jax.random key implementation, e.g. "threefry2x32"). The
     # README's Figure-2 numbers come from philox4x32; threefry2x32 runs as fast here and gives a

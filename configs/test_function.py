@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_steps = 100_000  # iterations of every run.
     config.eval_every = 100  # loss and trace every this many steps (and at step 0)...
     config.log_evals = 40  # ...plus this many log-spaced steps, for the log x-axis (0: none).
-    config.evals_per_chunk = 200  # evaluations per compiled chunk (progress-bar granularity).
+    config.evals_per_chunk = 200  # at most this many evaluations per compiled chunk (progress bar).
     config.checkpoint_every = 2  # chunks between checkpoints (the last chunk always saves).
     # PRNG of the directions: philox4x32 draws the small per-step vectors several times faster
     # than threefry2x32 on CPU (a different but equally valid random stream).

@@ -14,7 +14,8 @@ The runner
   ``smoothing``, ``seed``) and runs them in one compiled program, vmapped (or, with
   ``batch_members="separate"``, each member alone in its own run of one shared compilation:
   faster for tiny problems); programs run side by side on the CPU cores;
-- runs ``num_steps`` steps as jitted ``lax.scan`` chunks of ``evals_per_chunk`` evaluations,
+- runs ``num_steps`` steps as jitted ``lax.scan`` chunks of at most ``evals_per_chunk``
+  evaluations (equal chunks: :func:`chunk_size`),
   the metrics computed inside the program; between chunks it appends them, advances a progress
   bar and writes an orbax checkpoint every ``checkpoint_every`` chunks (and on SIGINT/SIGTERM,
   before raising :class:`Interrupted`);
@@ -296,10 +297,13 @@ def _init(program: _Program, params, traced) -> TrainState:
 def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
     """Runs ``gaps[i]`` steps then evaluates the metrics, for each ``i``; one member.
 
-    The scan checks the objective at every evaluation (divergence) and records the parameters;
-    the metrics are computed after it, vmapped over the chunk's evaluations: the test-set products
-    of a linear model then make one pass over the test matrix per chunk instead of one per
-    evaluation (memory: ``evals_per_chunk`` copies of the parameters).
+    The scan records the state at every evaluation; the metrics are computed after it, vmapped
+    over the chunk's evaluations (the test-set products of a linear model then make one pass over
+    the test matrix per chunk instead of one per evaluation; memory: ``len(gaps)`` copies of the
+    state). An evaluation fails when its loss is not finite or the estimator skipped a
+    non-finite step (``num_nonfinite`` grew); from the first failure on, the metrics are NaN and
+    the member leaves the chunk with its last good state (its PRNG keys move on: with shared keys
+    they are the same for every member).
     """
     optimizer = _optimizer(program, traced)
 
@@ -312,19 +316,23 @@ def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
         updates, opt_state = optimizer.update(grads, opt_state, params, value_fn=value_fn)
         return optax.apply_updates(params, updates), opt_state
 
-    def segment(state: TrainState, gap):
-        params, opt_state = jax.lax.fori_loop(0, gap, step, (state.params, state.opt_state))
-        failed = (state.failed | ~jnp.isfinite(value_fn(params))
-                  | (_num_nonfinite(opt_state) > 0))
-        # A diverged member keeps its last good state; its PRNG keys move on (with shared keys
-        # they stay the same for every member).
-        keep = functools.partial(jax.tree.map, lambda new, old: new if _is_key(new)
-                                 else jnp.where(failed, old, new))
-        state = TrainState(keep(params, state.params), keep(opt_state, state.opt_state), failed)
-        return state, (state.params, failed)
+    def segment(carry, gap):
+        carry = jax.lax.fori_loop(0, gap, step, carry)
+        return carry, carry
 
-    state, (params, failed) = jax.lax.scan(segment, state, gaps)
+    (_, last_opt_state), (params, opt_states) = jax.lax.scan(
+        segment, (state.params, state.opt_state), gaps)
     metrics = jax.vmap(lambda p: dict(program.metrics(p, *data)))(params)
+    skipped = jax.vmap(_num_nonfinite, axis_size=gaps.shape[0])(opt_states) > 0
+    bad = ~jnp.isfinite(metrics["loss"]) | skipped
+    failed = state.failed | (jnp.cumsum(bad) > 0)
+    good = jnp.sum(~failed) - 1  # the last good evaluation (failures are final), or -1
+    pick = functools.partial(
+        jax.tree.map, lambda old, new, final: final if _is_key(final)
+        else jnp.where(good < 0, old, new[jnp.maximum(good, 0)]))
+    last_params = jax.tree.map(lambda x: x[-1], params)
+    state = TrainState(pick(state.params, params, last_params),
+                       pick(state.opt_state, opt_states, last_opt_state), failed[-1])
     return state, {k: jnp.where(failed, jnp.nan, v) for k, v in metrics.items()}
 
 
@@ -415,10 +423,10 @@ def eval_steps(config) -> np.ndarray:
     return np.array(sorted(int(s) for s in steps))
 
 
-def _chunks(steps: np.ndarray, size: int) -> list[np.ndarray]:
-    """Steps between evaluations, ``size`` evaluations per chunk (the first gap is 0)."""
-    gaps = np.diff(steps, prepend=0).astype(np.int32)
-    return [gaps[i:i + size] for i in range(0, len(gaps), size)]
+def chunk_size(num_evals: int, evals_per_chunk: int) -> int:
+    """Evaluations per compiled chunk: the fewest chunks of at most ``evals_per_chunk``, of equal
+    size (only the last is padded, by fewer evaluations than there are chunks)."""
+    return -(-num_evals // -(-num_evals // evals_per_chunk))
 
 
 def _compile(groups: list[_Group], size: int, pool: concurrent.futures.Executor) -> list:
@@ -715,23 +723,24 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     """The chunk loop, resumed from the last checkpoint; returns the results and the cross-check
     of the last evaluation (still running in ``checker``)."""
     steps = eval_steps(config)
-    chunks = _chunks(steps, config.evals_per_chunk)
+    gaps = np.diff(steps, prepend=0).astype(np.int32)  # steps before each evaluation
+    size = chunk_size(len(steps), config.evals_per_chunk)
     groups = _make_groups(experiment, config.get("rng_impl"), config.get("batch_members", "vmap"))
     for group in groups:
         group.state = _init(group.program, group.problem.init_params, group.traced)
 
-    def reached(done: int) -> int:  # the last step evaluated after ``done`` chunks.
-        return int(steps[min(done * config.evals_per_chunk, len(steps)) - 1]) if done else 0
+    def reached(done: int) -> int:  # the last step evaluated after ``done`` evaluations.
+        return int(steps[done - 1]) if done else 0
 
     with concurrent.futures.ThreadPoolExecutor() as pool:  # compiles while the rest is set up
         started = time.perf_counter()
-        compiling = _compile(groups, config.evals_per_chunk, pool)
+        compiling = _compile(groups, size, pool)
         first_check = _start_cross_check(groups, "first", checker)
         checkpoints = _checkpointer(workdir)
-        start = 0
+        done = 0  # evaluations
         if (latest := checkpoints.latest_step()) is not None:
             states, progress = checkpoints.restore(latest, [g.state for g in groups])
-            start = progress["chunk"]
+            done = int(np.searchsorted(steps, latest)) + 1
             for group, state, wall, history in zip(groups, states, progress["wall_seconds"],
                                                    progress["history"]):
                 group.state, group.wall_seconds = state, wall
@@ -747,7 +756,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     def save(done: int) -> None:
         history = [{k: np.concatenate([h[k] for h in g.history], axis=1) for k in g.history[0]}
                    for g in groups]
-        progress = {"chunk": done, "wall_seconds": [g.wall_seconds for g in groups],
+        progress = {"evaluations": done, "wall_seconds": [g.wall_seconds for g in groups],
                     "history": history}
         checkpoints.save(reached(done), [g.state for g in groups], _jsonable(progress))
 
@@ -757,16 +766,17 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     # matrix-vector products leave CPU cores idle.
     workers = min(len(groups), os.cpu_count() or 1)
     try:
-        with (tqdm.tqdm(total=config.num_steps, initial=reached(start), unit="step",
+        with (tqdm.tqdm(total=config.num_steps, initial=reached(done), unit="step",
                         desc=experiment.name) as bar,
               concurrent.futures.ThreadPoolExecutor(workers) as pool):
-            for index in range(start, len(chunks)):
-                list(pool.map(functools.partial(_run_chunk, gaps=chunks[index],
-                                                size=config.evals_per_chunk), groups))
-                done = index + 1
+            chunks = 0
+            while done < len(steps):
+                chunk = gaps[done:done + size]
+                list(pool.map(functools.partial(_run_chunk, gaps=chunk, size=size), groups))
+                done, chunks = done + len(chunk), chunks + 1
                 bar.update(reached(done) - bar.n)
                 bar.set_postfix_str(_postfix(groups, experiment.progress_metrics), refresh=False)
-                if stop.signum or done % config.checkpoint_every == 0 or done == len(chunks):
+                if stop.signum or chunks % config.checkpoint_every == 0 or done == len(steps):
                     save(done)
                 if stop.signum:
                     raise Interrupted(stop.signum, reached(done), workdir)

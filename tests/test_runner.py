@@ -145,7 +145,8 @@ def test_resume_after_sigint_equals_uninterrupted_run(smoke, tmp_path, monkeypat
     with pytest.raises(runner.Interrupted, match="SIGINT at step"):
         run_smoke(config, tmp_path)
     assert not (tmp_path / "results.json").exists()
-    first_chunk_end = runner.eval_steps(config)[config.evals_per_chunk - 1]
+    steps = runner.eval_steps(config)
+    first_chunk_end = steps[runner.chunk_size(len(steps), config.evals_per_chunk) - 1]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(first_chunk_end)]
     monkeypatch.undo()
     resumed = run_smoke(config, tmp_path)
