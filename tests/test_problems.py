@@ -120,6 +120,28 @@ def test_accuracy_predicts_plus_one_at_zero():
     assert float(value) == pytest.approx(2 / 3)
 
 
+EXTREME_SCORES = np.array([0.0, -0.0, 1e-30, -1e-30, 0.5, -3.0, 40.0, -88.0, 89.0, -100.0, 1e4,
+                           -np.inf, np.inf], np.float32)
+
+
+def test_logistic_trace_at_extreme_scores():
+    # Identity features: the scores are w. p(1 − p) = e^−|s| / (1 + e^−|s|)² in float64 (no
+    # cancellation); the float32 values agree to 1e-6, down to the smallest normal number.
+    e = np.exp(-np.abs(EXTREME_SCORES.astype(np.float64)))
+    for s, expected in zip(EXTREME_SCORES, e / (1.0 + e) ** 2):
+        value = logistic_hessian_trace(jnp.array([s]), jnp.eye(1), jnp.ones(1))
+        np.testing.assert_allclose(value, expected, rtol=1e-6, atol=np.finfo(np.float32).tiny,
+                                   err_msg=f"score {s}")
+
+
+@pytest.mark.parametrize("label", [1.0, -1.0])
+def test_accuracy_at_extreme_scores(label):
+    for s in EXTREME_SCORES:
+        correct = (1.0 if s >= 0 else -1.0) == label  # -0.0 >= 0: a zero predicts +1
+        assert float(accuracy(jnp.array([s]), jnp.eye(1), jnp.array([label]))) == correct, s
+    assert np.isnan(accuracy(jnp.array([np.nan]), jnp.eye(1), jnp.ones(1)))
+
+
 # --- closed-form traces against jax.hessian ------------------------------------------------------
 
 

@@ -171,7 +171,8 @@ def logistic_loss(w: jax.Array, features, labels: jax.Array) -> jax.Array:
 
 
 def accuracy(w: jax.Array, features, labels: jax.Array) -> jax.Array:
-    """Fraction of correct signs, mean(sign(xᵢᵀw) = bᵢ); a score of exactly 0 predicts +1.
+    """Fraction of correct signs, mean(sign(xᵢᵀw) = bᵢ); a score of exactly 0 predicts +1 and
+    a NaN score makes the accuracy NaN.
 
     Example:
         >>> import jax.numpy as jnp
