@@ -142,7 +142,11 @@ def _objective(loss: Loss):
 
 def _metrics(loss: Loss):
     def metrics(w, train_features, train_labels, test_features, test_labels):
-        # XLA merges the repeated X·w of each split (one matvec per split and evaluation).
+        # Both splits share the train map (random_features), written so that XLA sees it: the
+        # projected weights W(w/σ) are then computed once for both, and the repeated X·w of each
+        # split are merged (one product per split and evaluation).
+        test_features = test_features._replace(projection=train_features.projection,
+                                               mean=train_features.mean, scale=train_features.scale)
         return {
             "loss": loss.loss(w, train_features, train_labels),
             "hessian_trace": loss.hessian_trace(w, train_features, train_labels),
