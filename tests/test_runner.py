@@ -287,3 +287,14 @@ def test_eval_steps_and_sweep_names():
                            problem)
     assert [m.name for m in members] == ["zo(learning_rate=0.1)", "zo(learning_rate=0.2)"]
     assert members[1].hparams == {"learning_rate": 0.2, "smoothing": 0.01, "seed": 3}
+
+
+@pytest.mark.parametrize("num_evals, evals_per_chunk, size", [
+    (1038, 200, 173), (1029, 100, 94), (51, 100, 51), (28, 8, 7), (11, 8, 6), (1, 5, 1),
+    (9, 3, 3)])
+def test_chunks_are_equal_and_as_few_as_allowed(num_evals, evals_per_chunk, size):
+    assert runner.chunk_size(num_evals, evals_per_chunk) == size
+    assert size <= evals_per_chunk
+    num_chunks = -(-num_evals // size)
+    assert num_chunks == -(-num_evals // evals_per_chunk)  # no more chunks than needed
+    assert num_chunks * size - num_evals < num_chunks  # padding: less than one per chunk
