@@ -67,10 +67,10 @@ class Problem:
 
     Attributes:
         loss: ``loss(params, *data) -> scalar``, the training objective (the optimizers'
-            ``value_fn``); a non-finite value at an evaluation marks the member as diverged.
-            Use a module-level function: compiled programs are cached on it.
+            ``value_fn``). Use a module-level function: compiled programs are cached on it.
         metrics: ``metrics(params, *data) -> {name: scalar}``, recorded at every evaluation
-            (computed after each chunk, vmapped over its evaluations); must contain ``"loss"``.
+            (computed after each chunk, vmapped over its evaluations); must contain ``"loss"``,
+            the training loss: a non-finite value marks the member as diverged.
         init_params: the starting point shared by every member trained on this problem.
         data: arrays passed to ``loss`` and ``metrics`` (arguments of the compiled program, not
             constants baked into it).
