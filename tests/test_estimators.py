@@ -182,6 +182,63 @@ def test_never_differentiates_the_objective():
         zojax.forward_grad(fun)(jax.random.key(0), jnp.ones(3))
 
 
+def _with_line_form(scale):
+    """_quadratic with its line form written out: f(x + t u) = f(x) + t ∇f(x)ᵀu + ½ t² uᵀAu."""
+    fun = lambda p, s: _quadratic(p, s)  # noqa: E731 (a fresh function to attach .along to)
+
+    def along(params, direction, steps, s):
+        slope = jax.jvp(lambda p: _quadratic(p, s), (params,), (direction,))[1]
+        negated = jax.tree.map(jnp.negative, direction)
+        curvature = _quadratic(direction, s) + _quadratic(negated, s)  # s uᵀAu
+        return _quadratic(params, s) + steps * slope + 0.5 * steps**2 * curvature
+
+    fun.along = along
+    return fun
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_line_form_gives_the_same_estimate(scheme, chunk_size, x64):
+    """An objective's line form ``fun.along`` is used when present, with the same result."""
+    key, scale = jax.random.key(5), 2.0
+    kwargs = dict(smoothing=0.1, num_directions=7, scheme=scheme, chunk_size=chunk_size)
+    fun = _with_line_form(scale)
+    plain = zojax.zo_value_and_grad(lambda p, s: _quadratic(p, s), **kwargs)(key, _params(), scale)
+    along = jax.jit(zojax.zo_value_and_grad(fun, **kwargs))(key, _params(), scale)
+    np.testing.assert_allclose(along[0], plain[0], rtol=1e-10)
+    np.testing.assert_allclose(_flat(along[1]), _flat(plain[1]), rtol=1e-9)
+    # The transform gets it from value_fn; bind keeps the line form, a lambda drops it.
+    opt = zojax.two_point(0.1, num_directions=7, scheme=scheme, chunk_size=chunk_size, seed=key)
+    value_fn = zojax.estimators.bind(fun, scale)
+    assert hasattr(value_fn, "along") and not hasattr(lambda p: fun(p, scale), "along")
+    updates, _ = opt.update(None, opt.init(_params()), _params(), value_fn=value_fn)
+    expected, _ = opt.update(None, opt.init(_params()), _params(),
+                             value_fn=lambda p: _quadratic(p, scale))
+    np.testing.assert_allclose(_flat(updates), _flat(expected), rtol=1e-9)
+
+
+def test_line_form_replaces_the_perturbed_evaluations():
+    """Central differences with a line form never evaluate ``fun`` itself."""
+    def fun(x):
+        raise AssertionError("fun was evaluated")
+
+    fun.along = lambda x, u, steps: jnp.sum((x + steps[:, None] * u) ** 2, axis=1)
+    for chunk_size in (None, 2):
+        grads = zojax.zo_grad(fun, smoothing=0.1, num_directions=4, chunk_size=chunk_size)(
+            jax.random.key(0), jnp.ones(3))
+        assert grads.shape == (3,) and bool(jnp.all(jnp.isfinite(grads)))
+
+
+def test_line_form_must_return_one_value_per_step():
+    fun = lambda x: jnp.sum(x**2)  # noqa: E731
+    fun.along = lambda x, u, steps: jnp.sum(x + u)  # one value, not one per step
+    with pytest.raises(ValueError, match=r"fun.along must return one value per step"):
+        zojax.zo_grad(fun, smoothing=0.1)(jax.random.key(0), jnp.ones(3))
+    opt = zojax.two_point(0.1)
+    with pytest.raises(ValueError, match=r"value_fn.along must return one value per step"):
+        opt.update(None, opt.init(jnp.ones(3)), jnp.ones(3), value_fn=zojax.estimators.bind(fun))
+
+
 def test_forward_grad_is_the_zero_smoothing_limit(x64):
     fun = lambda p: _cubic(p)
     key = jax.random.key(5)

@@ -109,6 +109,19 @@ def test_losses_match_numpy(x64):
     np.testing.assert_allclose(accuracy(w, features, labels), np.mean(np.sign(x @ v) == b))
 
 
+@pytest.mark.parametrize("loss", [svm_loss, logistic_loss], ids=["svm", "logistic"])
+def test_line_form_evaluates_the_loss_along_a_line(x64, loss):
+    """loss.along(w, u, steps, X, b)[k] = loss(w + t_k u, X, b), dense and affine features."""
+    steps = jnp.array([0.3, -0.3, 0.0, 2.0])
+    dense, labels, w = dense_problem()
+    train, _, affine_labels, affine_w = affine_problem()
+    for features, labels, w in ((dense, labels, w), (train, affine_labels, affine_w)):
+        u = jax.random.normal(jax.random.key(1), w.shape, w.dtype)
+        expected = [loss(w + t * u, features, labels) for t in steps]
+        np.testing.assert_allclose(loss.along(w, u, steps, features, labels), expected,
+                                   rtol=1e-12)
+
+
 def test_logistic_loss_is_stable_for_large_margins():
     features, labels, w = jnp.ones((2, 1)), jnp.array([1.0, -1.0]), jnp.array([200.0])
     np.testing.assert_allclose(logistic_loss(w, features, labels), 100.0, rtol=1e-6)  # (0+200)/2

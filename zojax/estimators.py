@@ -18,7 +18,9 @@ accumulator, one direction and one perturbed copy of the parameters (3 parameter
 buffers beyond the forward pass, at every ``q``).
 
 The objective is only ever *evaluated*: it is never differentiated (except by
-:func:`forward_grad`, the λ → 0 reference, which says so).
+:func:`forward_grad`, the λ → 0 reference, which says so). An objective may also evaluate itself
+along lines, :math:`t \mapsto f(x + t u)` (its *line form*, see :func:`bind`); the two-point
+estimators then use that instead of perturbed copies of the parameters.
 """
 
 import math
@@ -57,6 +59,44 @@ def _weighted_sum(coeffs, directions, acc=None):
     if acc is None:
         return jax.tree.map(lambda u: leaf(u, None), directions)
     return jax.tree.map(leaf, directions, acc)
+
+
+def bind(fun: Callable, *args, **kwargs) -> Callable:
+    r"""Returns ``params ↦ fun(params, *args, **kwargs)``, keeping ``fun``'s line form.
+
+    A *line form* is an optional attribute of an objective,
+    ``fun.along(params, direction, steps, *args, **kwargs)``, that returns
+    :math:`[f(x + t_k u)]_k` for a 1-D array of steps :math:`t_k` (up to rounding). The two-point
+    estimators evaluate it, when present, instead of ``fun`` at perturbed copies of ``params``.
+    For a model linear in its first stage, :math:`f(x) = h(Ax)`, it computes :math:`Ax` and
+    :math:`Au` once and evaluates :math:`h(Ax + t\,Au)` for each step: ``q`` directions cost
+    ``q + 1`` products with :math:`A` instead of ``2q``, and under a ``vmap`` over parameters
+    that share their directions (a sweep with one seed), :math:`Au` is computed once for all of
+    them. The losses of :mod:`zojax.problems.linear` have one. A ``lambda`` drops the line form;
+    ``bind`` keeps it (use it for ``value_fn`` of the transforms).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> def loss(w, a):
+        ...     return jnp.sum((a @ w) ** 2)
+        >>> def loss_along(w, u, steps, a):  # h(Aw + t Au) for every step t
+        ...     return jnp.sum((a @ w + steps[:, None] * (a @ u)) ** 2, axis=1)
+        >>> loss.along = loss_along
+        >>> value_fn = bind(loss, 2 * jnp.eye(2))
+        >>> float(value_fn(jnp.ones(2)))
+        8.0
+        >>> value_fn.along(jnp.ones(2), jnp.ones(2), jnp.array([0.0, 1.0])).tolist()
+        [8.0, 32.0]
+    """
+
+    def bound(params):
+        return fun(params, *args, **kwargs)
+
+    along = getattr(fun, "along", None)
+    if along is not None:
+        bound.along = lambda params, direction, steps: along(params, direction, steps, *args,
+                                                             **kwargs)
+    return bound
 
 
 def _computed_once(fn: Callable):
@@ -162,6 +202,13 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
     """
     _checks.check_float_params(params)
     fun = _checks.scalar_fun(fun)
+    along = getattr(fun, "along", None)
+
+    def along_lines(directions, signs):
+        """(n, k) values f(x + sign_k λ u_i) from the line form: no perturbed parameters."""
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        steps = (jnp.asarray(signs, dtype) * smoothing).astype(dtype)
+        return jax.vmap(lambda u: along(params, u, steps))(directions)
 
     def perturbed(sign, directions):
         def one(u):
@@ -176,6 +223,11 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
 
     if scheme == "central":
         def estimate_chunk(directions, acc):
+            if along is not None:
+                values = along_lines(directions, [1, -1])
+                values = values.astype(_accumulator_dtype(values.dtype))  # (n, 2)
+                coeffs = (values[:, 0] - values[:, 1]) / (2 * smoothing)
+                return _weighted_sum(coeffs, directions, acc), values
             if chunk_size is None:  # the ± pair of every direction in one vmapped batch
                 values = jax.vmap(perturbed, (0, None))(jnp.array([1, -1]), directions)
                 values = values.astype(_accumulator_dtype(values.dtype))  # (2, n)
@@ -191,7 +243,8 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
         base = value.astype(_accumulator_dtype(value.dtype))
 
         def estimate_chunk(directions, acc):
-            values = perturbed(1, directions).astype(base.dtype)
+            values = (along_lines(directions, [1])[:, 0] if along is not None
+                      else perturbed(1, directions)).astype(base.dtype)
             return _weighted_sum((values - base) / smoothing, directions, acc), values[:, None]
 
         grads, values = directional_estimate(estimate_chunk, sample, key, params, num_directions,
@@ -207,7 +260,8 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
     r"""Two-point zeroth-order value and gradient estimator.
 
     Args:
-        fun: objective ``fun(params, *args, **kwargs) -> scalar``; only evaluated.
+        fun: objective ``fun(params, *args, **kwargs) -> scalar``; only evaluated (through its
+            line form ``fun.along`` when it has one, see :func:`bind`).
         smoothing: perturbation size :math:`\lambda > 0` (numeric, may be traced).
         num_directions: number ``q`` of directions averaged (static).
         direction: ``"gaussian"``, ``"sphere"``, ``"rademacher"``, ``"coordinate"`` or a sampler
@@ -234,7 +288,7 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
 
     def value_and_grad_fn(key, params, *args, **kwargs):
         value, grads, _ = two_point_estimate(
-            lambda p: fun(p, *args, **kwargs), key, params, smoothing=smoothing,
+            bind(fun, *args, **kwargs), key, params, smoothing=smoothing,
             num_directions=num_directions, sample=sample, scheme=scheme, chunk_size=chunk_size)
         return value, grads
 

@@ -7,6 +7,9 @@ argument ``value_fn`` (as in optax's line searches)::
 
     updates, state = opt.update(None, state, params, value_fn=lambda p: loss(p, batch))
 
+(``value_fn=zojax.estimators.bind(loss, batch)`` keeps the line form of an objective that has
+one, e.g. the linear models of :mod:`zojax.problems.linear`: see :func:`zojax.estimators.bind`.)
+
 Static and traced arguments: ``smoothing`` (and ``learning_rate`` of the aliases) are used only
 in traced arithmetic, so ``optax.inject_hyperparams`` can lift them into the state and
 ``jax.vmap`` can sweep them in one compiled program. ``num_directions``, ``direction``,
