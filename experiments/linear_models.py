@@ -66,7 +66,10 @@ def _scores(ws, features):
     v = ws[..., 1:] / features.scale  # (..., m)
     z = jax.lax.dot_general(features.projection, v, (((1,), (v.ndim - 1,)), ((), ())),
                             precision=_HIGHEST)  # (d, ...): W v in its fast layout
-    s = jnp.matmul(z.T, features.inputs, precision=_HIGHEST)  # (..., N), inputs = Φᵀ
+    # zᵀΦᵀ as a contraction over z's first axis (inputs = Φᵀ), not a matmul of z.T: XLA folds
+    # that transpose into the first product, whose operands then swap into a slower layout.
+    s = jax.lax.dot_general(z, features.inputs, (((0,), (0,)), ((), ())),
+                            precision=_HIGHEST)  # (..., N)
     return s + (ws[..., 0] - jnp.matmul(v, features.mean, precision=_HIGHEST))[..., None]
 
 
@@ -137,6 +140,11 @@ def _objective(loss: Loss):
         del test_features, test_labels
         return loss.loss(w, train_features, train_labels)
 
+    def along(w, direction, steps, train_features, train_labels, test_features, test_labels):
+        del test_features, test_labels
+        return loss.loss.along(w, direction, steps, train_features, train_labels)
+
+    objective.along = along  # the estimator's line form: X·w and X·u, then every step
     return objective
 
 

@@ -307,8 +307,7 @@ def _member_chunk(program: _Program, state: TrainState, gaps, data, traced):
     """
     optimizer = _optimizer(program, traced)
 
-    def value_fn(params):
-        return program.loss(params, *data)
+    value_fn = zojax.estimators.bind(program.loss, *data)  # keeps a line form (linear models)
 
     def step(_, carry):
         params, opt_state = carry

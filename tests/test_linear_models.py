@@ -113,7 +113,8 @@ def test_closed_form_traces_match_zojax_hessian_trace():
 
 
 def test_fast_features_equal_the_library_map():
-    """The vmap-friendly X·w: same values under jit, vmap, nested vmap, grad and vmap(grad)."""
+    """The vmap-friendly X·w: same values under jit, vmap, nested vmap, grad and vmap(grad), and
+    in the line form of vmapped weights sharing a direction."""
     data = datasets.synthetic_libsvm(seed=0, like="a1a")
     train, _ = linear.random_features(jax.random.key(0), data.train_inputs, num_features=300)
     labels = jnp.asarray(data.train_labels)
@@ -123,9 +124,12 @@ def test_fast_features_equal_the_library_map():
     @jax.jit
     def everything(features):
         out = []
+        steps = jnp.array([0.1, -0.1])
         for loss in (linear.svm_loss, linear.logistic_loss):
             batched = jax.vmap(loss, (0, None, None))
             out += [loss(w, features, labels), batched(ws, features, labels),
+                    jax.vmap(loss.along, (0, None, None, None, None))(  # a sweep's line form
+                        ws, w[::-1], steps, features, labels),
                     jax.vmap(batched, (0, None, None))(ws.reshape(2, 3, -1), features, labels),
                     jax.grad(loss)(w, features, labels),
                     jax.vmap(jax.grad(loss), (0, None, None))(ws, features, labels)]
