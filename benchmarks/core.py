@@ -11,7 +11,8 @@ Sections:
    state) against ``jax.jit(jax.vmap(loss))`` over 2q given parameter vectors, for logistic
    regression on a dense X (N = 6,414, D = 10,001 random features of synthetic a5a), then on the
    affine random-feature map, where the random numbers are a visible share of the step; the
-   RNG variants a user can pick are timed side by side.
+   RNG variants a user can pick are timed side by side, and the step through the loss's line
+   form (``zojax.estimators.bind``: X w and X u, 1 + q columns instead of 2q).
 2. One loss evaluation with the affine map against the dense N × D product X·w.
 3. Exact Hessian trace: D = 10,001 with the affine map (seconds), and D = 2,000 on a dense X
    against ``jnp.trace(jax.hessian(f))``; a sweep of ``chunk_size``.
@@ -201,6 +202,9 @@ def section_step_overhead(quick):
                 step, init = zo_step_fn(loss, q, **kwargs)
                 state = init(w)
             candidates[name] = (step, (w, state))
+        # The loss's line form, kept by bind (the lambda above drops it): X w and X U.
+        step, init = zo_step_fn(zojax.estimators.bind(logistic_loss, features, labels), q)
+        candidates["line form (bind)"] = (step, (w, init(w)))
         times = interleaved(candidates, rounds=10 if quick else 40)
         for name in candidates:
             if name != "baseline":

@@ -109,16 +109,33 @@ def test_losses_match_numpy(x64):
     np.testing.assert_allclose(accuracy(w, features, labels), np.mean(np.sign(x @ v) == b))
 
 
+@pytest.mark.parametrize("kind", ["dense", "affine"])
 @pytest.mark.parametrize("loss", [svm_loss, logistic_loss], ids=["svm", "logistic"])
-def test_line_form_evaluates_the_loss_along_a_line(x64, loss):
-    """loss.along(w, u, steps, X, b)[k] = loss(w + t_k u, X, b), dense and affine features."""
+def test_line_form_evaluates_the_loss_along_a_line(x64, loss, kind):
+    """loss.along(w, u, steps, X, b)[k] = loss(w + t_k u, X, b), also batched over directions,
+    over points sharing a direction and over both, and under jacfwd and grad."""
+    if kind == "dense":
+        features, labels, w = dense_problem()
+    else:
+        features, _, labels, w = affine_problem()
     steps = jnp.array([0.3, -0.3, 0.0, 2.0])
-    train, _, affine_labels, affine_w = affine_problem()
-    for features, labels, w in (dense_problem(), (train, affine_labels, affine_w)):
-        u = jax.random.normal(jax.random.key(1), w.shape, w.dtype)
-        expected = [loss(w + t * u, features, labels) for t in steps]
-        np.testing.assert_allclose(loss.along(w, u, steps, features, labels), expected,
+    u = jax.random.normal(jax.random.key(1), w.shape, w.dtype)
+
+    def line(w, u):
+        return loss.along(w, u, steps, features, labels)
+
+    def each(w, u):
+        return jnp.stack([loss(w + t * u, features, labels) for t in steps])
+
+    np.testing.assert_allclose(line(w, u), each(w, u), rtol=1e-12)
+    ws, us = w * jnp.array([[1.0], [0.5], [-2.0]]), u * jnp.array([[1.0], [-1.0], [3.0]])
+    for axes in ((None, 0), (0, None), (0, 0)):
+        args = (w if axes[0] is None else ws, u if axes[1] is None else us)
+        np.testing.assert_allclose(jax.vmap(line, axes)(*args), jax.vmap(each, axes)(*args),
                                    rtol=1e-12)
+    np.testing.assert_allclose(jax.jacfwd(line)(w, u), jax.jacfwd(each)(w, u), rtol=1e-10)
+    np.testing.assert_allclose(jax.grad(lambda w: line(w, u)[0])(w),
+                               jax.grad(lambda w: each(w, u)[0])(w), rtol=1e-10)
 
 
 def test_logistic_loss_is_stable_for_large_margins():

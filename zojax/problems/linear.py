@@ -6,8 +6,9 @@ with ``features @ w``: a dense (N, D) array, or an :class:`AffineFeatures` map t
 the N × D matrix.
 
 Both losses have a line form ``loss.along(w, u, steps, features, labels)``, f(w + t u) for every
-step t from the two products X w and X u, which the two-point estimators use (see
-:func:`zojax.estimators.bind`): q directions cost q + 1 products with X instead of 2q.
+step t, which the two-point estimators use (see :func:`zojax.estimators.bind`). With an
+:class:`AffineFeatures` map it applies the map to w and u, not to every point w ± λu: q directions
+cost 1 + q columns instead of 2q, and a vmapped sweep sharing its directions computes X u once.
 
 Closed-form Hessian traces (the paper's metrics), margins mᵢ = bᵢ xᵢᵀw, pᵢ = sigmoid(xᵢᵀw):
 
@@ -20,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 
 # Full float32 matmuls (no TF32 on GPUs): ZO differences f(w + λu) − f(w − λu) need them.
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -108,16 +110,61 @@ def _matvec(features, w: jax.Array) -> jax.Array:
     return _mm(features, w)
 
 
+@custom_vmap
+def _line_products(features: AffineFeatures, w: jax.Array, directions: jax.Array):
+    """(X w, X uᵢ for each row uᵢ of ``directions``) from one product with the columns [w, U].
+
+    Batched, the products are grouped so that the map is applied as few times as possible:
+    directions batched over (the estimator's vmap) join the same product, 1 + q columns for q
+    directions; points batched over with shared directions (a sweep with one seed) are one
+    product and X U another, computed once for all of them, instead of each point carrying a
+    copy of U.
+    """
+    scores = (features @ jnp.concatenate([w[None], directions]).T).T  # (1 + k, N)
+    return scores[0], scores[1:]
+
+
+@_line_products.def_vmap
+def _line_products_vmap(axis_size, in_batched, features, w, directions):
+    features_batched, w_batched, directions_batched = in_batched
+    if any(jax.tree.leaves(features_batched)) or w_batched == directions_batched:
+        axes = jax.tree.map(lambda batched: 0 if batched else None, tuple(in_batched))
+        out = jax.vmap(_line_products.fun, axes, axis_size=axis_size)(features, w, directions)
+        return out, (True, True)
+    if directions_batched:  # (B, k, D) directions, one w: one product with 1 + B·k columns
+        xw, xu = _line_products(features, w, directions.reshape(-1, directions.shape[-1]))
+        return (xw, xu.reshape(*directions.shape[:-1], -1)), (False, True)
+    # (B, D) points sharing their directions: X W, and X U once.
+    xw = _matvec(features, w.T).T
+    xu = _matvec(features, directions.T).T
+    return (xw, xu), (True, False)
+
+
+@jax.custom_jvp
+def _differentiable_line_products(features, w, directions):
+    return _line_products(features, w, directions)
+
+
+@_differentiable_line_products.defjvp
+def _line_products_jvp(primals, tangents):  # linear in (w, directions); features not tangent
+    features, w, directions = primals
+    _, w_dot, directions_dot = tangents
+    return (_line_products(features, w, directions),
+            (_matvec(features, w_dot), _matvec(features, directions_dot.T).T))
+
+
 def _along(margin_loss):
     """The line form (see :func:`zojax.estimators.bind`) of f(w) = mean ℓ(bᵢ xᵢᵀw):
-    f(w + t u) = mean ℓ(bᵢ xᵢᵀw + t bᵢ xᵢᵀu) for every step t.
-
-    X w and X u are separate products: under a vmap over w sharing u, X u is computed once (a
-    single product with the stacked [w, u] would broadcast u to every member)."""
+    f(w + t u) = mean ℓ(bᵢ xᵢᵀw + t bᵢ xᵢᵀu) for every step t, with X w and X u from
+    :func:`_line_products` for an :class:`AffineFeatures` map. A dense X is multiplied with the
+    points w + t u themselves: on a CPU that product is bound by reading X, once either way."""
 
     def along(w, direction, steps, features, labels):
-        base = labels * _matvec(features, w)
-        slope = labels * _matvec(features, direction)
+        if not isinstance(features, AffineFeatures):
+            return jax.vmap(lambda t: jnp.mean(margin_loss(
+                labels * _mm(features, w + t.astype(w.dtype) * direction))))(steps)
+        xw, xu = _differentiable_line_products(features, w, direction[None])
+        base, slope = labels * xw, labels * xu[0]
         return jax.vmap(lambda t: jnp.mean(margin_loss(base + t * slope)))(steps)
 
     return along
