@@ -2,7 +2,7 @@
 
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -63,29 +63,3 @@ def check_float_params(params) -> None:
             raise TypeError(
                 f"zeroth-order estimators need floating-point params; {where} has dtype {dtype}."
             )
-
-
-def scalar_fun(fun: Callable, name: str = "fun") -> Callable:
-    """Wraps ``fun`` so that a non-scalar output raises a ValueError naming its shape.
-
-    A line form ``fun.along`` (see :func:`zojax.estimators.bind`) is kept, checked the same way.
-    """
-
-    def wrapped(*args, **kwargs):
-        value = fun(*args, **kwargs)
-        shape = jnp.shape(value)
-        if shape != ():
-            raise ValueError(f"{name} must return a scalar, got an output of shape {shape}.")
-        return value
-
-    along = getattr(fun, "along", None)
-    if along is not None:
-        def wrapped_along(params, direction, steps, *args, **kwargs):
-            values = along(params, direction, steps, *args, **kwargs)
-            if jnp.shape(values) != jnp.shape(steps):
-                raise ValueError(f"{name}.along must return one value per step, shape "
-                                 f"{jnp.shape(steps)}; got {jnp.shape(values)}.")
-            return values
-
-        wrapped.along = wrapped_along
-    return wrapped

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from zojax import _checks
-from zojax.directions import get_sampler
+from zojax import _backend, _checks, estimators, weightings
+from zojax.directions import as_perturbation
 
 DEFAULT_CHUNK_SIZE = 256
 
@@ -24,19 +24,13 @@ DEFAULT_CHUNK_SIZE = 256
 def _flat_objective(fun, params, args, kwargs):
     _checks.check_float_params(params)
     flat, unravel = ravel_pytree(params)
-    fun = _checks.scalar_fun(fun)
-    return (lambda x: fun(unravel(x), *args, **kwargs)), flat
+    fun = estimators.as_objective(fun)
+    return (lambda x: fun.value(unravel(x), *args, **kwargs)), flat
 
 
 def _hvp(fun):
     grad = jax.grad(fun)
     return lambda x, v: jax.jvp(grad, (x,), (v,))[1]
-
-
-def _mean_and_sem(samples):
-    n = samples.shape[0]
-    std = jnp.std(samples, ddof=1) if n > 1 else jnp.full((), jnp.nan, samples.dtype)
-    return jnp.mean(samples), std / jnp.sqrt(n)
 
 
 def hessian_trace(fun, params, *args, chunk_size: int | None = None, **kwargs):
@@ -66,42 +60,65 @@ def hessian_trace(fun, params, *args, chunk_size: int | None = None, **kwargs):
     return jnp.sum(jax.lax.map(diagonal_entry, jnp.arange(dim), batch_size=size))
 
 
+def _trace_samples(make_evaluate, samples, key, params, direction, num_samples, chunk_size):
+    """Mean and SEM of one scalar ``samples(values)`` per probe, through the estimators' loop.
+
+    ``make_evaluate(weighting) -> evaluate(acc, probes) -> (acc, values)``; probe ``k`` is
+    ``fold_in(key, k)``; ``chunk_size`` probes at a time (None: one at a time).
+    """
+    perturbation = as_perturbation(direction)
+    weighting = weightings.mean_and_sem(samples)
+    acc, _ = estimators._directional_loop(make_evaluate(weighting), weighting, key, params,
+                                          perturbation,
+                                          perturbation.init(params), 0, num_samples,
+                                          chunk_size or 1)
+    return weighting.finalize(acc)
+
+
 def hutchinson_trace(fun, key, params, *args, num_samples: int, chunk_size: int | None = None,
                      direction="rademacher", **kwargs):
     r"""Hutchinson's estimate :math:`\frac1n\sum_k v_k^\top H v_k` with its standard error.
 
     Probes come from a sampler with :math:`\mathbb{E}[v v^\top] = I` (Rademacher by default; any
-    name or sampler of :mod:`zojax.directions`), probe ``k`` from ``fold_in(key, k)``.
+    name or sampler of :mod:`zojax.directions`), probe ``k`` from ``fold_in(key, k)``;
+    ``chunk_size`` probes are vmapped at a time (default one).
 
     Returns:
         ``(estimate, stderr)``.
     """
     _checks.check_positive_int("num_samples", num_samples)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
-    sample = get_sampler(direction)
+    as_perturbation(direction)
     _checks.check_float_params(params)
-    f = _checks.scalar_fun(lambda p: fun(p, *args, **kwargs))
-    hvp = _hvp(f)
+    f = estimators.as_objective(estimators.bind(fun, *args, **kwargs))
+    hvp = _hvp(f.value)
 
-    def quadratic_form(k):
-        v = sample(jax.random.fold_in(key, k), params)
+    def quadratic_form(v):
         hv = hvp(params, v)
         return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(hv)))
 
-    samples = jax.lax.map(quadratic_form, jnp.arange(num_samples, dtype=jnp.uint32),
-                          batch_size=chunk_size)
-    return _mean_and_sem(samples)
+    def make_evaluate(weighting):
+        def evaluate(acc, probes):
+            values = jax.vmap(quadratic_form)(probes)[:, None]  # (n, 1): vᵀHv
+            return weighting.add(acc, values, probes), values
+        return evaluate
+
+    return _trace_samples(make_evaluate, lambda values: values[:, 0], key, params, direction,
+                          num_samples, chunk_size)
 
 
 def zo_trace(fun, key, params, *args, delta, num_samples: int, chunk_size: int | None = None,
-             **kwargs):
+             direction="gaussian", **kwargs):
     r"""Zeroth-order "expected sharpness" :math:`2(\overline{f(x+\delta z)} - f(x))/\delta^2`.
 
-    Averages over antithetic pairs :math:`\pm z_k`, :math:`z_k \sim N(0, I)`, so each sample
+    Averages over antithetic pairs :math:`\pm z_k` (Gaussian by default; any name, sampler or
+    perturbation of :mod:`zojax.directions`), so each sample
     :math:`(f(x+\delta z_k) + f(x-\delta z_k) - 2f(x))/\delta^2` is exactly :math:`z_k^\top H z_k`
     on quadratics (bias :math:`O(\delta^2)` otherwise) and the gradient term cancels. Needs only
-    ``2 · num_samples + 1`` evaluations: for models whose HVPs are too costly. Mind the
-    precision: use float64 or a ``delta`` large enough that ``f`` differences are resolved.
+    ``2 · num_samples + 1`` evaluations (through the objective's line form when it has one, see
+    :func:`zojax.estimators.bind`): for models whose HVPs are too costly. ``chunk_size`` probes
+    are evaluated at a time (default one). Mind the precision: use float64 or a ``delta`` large
+    enough that ``f`` differences are resolved.
 
     Returns:
         ``(estimate, stderr)``.
@@ -109,20 +126,21 @@ def zo_trace(fun, key, params, *args, delta, num_samples: int, chunk_size: int |
     _checks.check_positive_finite("delta", delta)
     _checks.check_positive_int("num_samples", num_samples)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    as_perturbation(direction)
     _checks.check_float_params(params)
-    f = _checks.scalar_fun(lambda p: fun(p, *args, **kwargs))
-    sample = get_sampler("gaussian")
-    base = f(params)
+    f = estimators.as_objective(estimators.bind(fun, *args, **kwargs))
+    base = f.value(params)
+    base = base.astype(_backend.accumulator_dtype(base.dtype))
+    steps = estimators._steps("central", delta, params)
 
-    def second_difference(k):
-        z = sample(jax.random.fold_in(key, k), params)
-        plus = f(jax.tree.map(lambda x, u: x + delta * u, params, z))
-        minus = f(jax.tree.map(lambda x, u: x - delta * u, params, z))
-        return (plus + minus - 2 * base) / delta**2
+    def second_differences(values):
+        return (values[:, 0] + values[:, 1] - 2 * base) / delta**2
 
-    samples = jax.lax.map(second_difference, jnp.arange(num_samples, dtype=jnp.uint32),
-                          batch_size=chunk_size)
-    return _mean_and_sem(samples)
+    def make_evaluate(weighting):
+        return estimators._perturbed_evaluation(f, params, steps, weighting, chunked=True)
+
+    return _trace_samples(make_evaluate, second_differences, key,
+                          params, direction, num_samples, chunk_size)
 
 
 def hessian_top_eigenvalue(fun, key, params, *args, num_iters: int = 100, **kwargs):

@@ -1,10 +1,24 @@
-r"""Samplers of perturbation directions.
+r"""Perturbations: the directions a zeroth-order estimator probes, and their state.
 
-A *sampler* is a function ``sample(key, params) -> direction`` that returns a pytree with the
-structure, shapes and dtypes of ``params`` (``params`` may hold ``jax.ShapeDtypeStruct`` leaves:
-only shapes and dtypes are read). It is the single extension point for shaped perturbations
-(Fisher-shaped, diagonal-Hessian, low-rank, sparse masks): any sampler plugs into
-:func:`zojax.zo_grad` and :func:`zojax.two_point` through their ``direction`` argument.
+A :class:`Perturbation` is the first stage of every estimator (see the README's Architecture):
+four pure functions in the shape of optax's ``GradientTransformation``,
+
+- ``init(params) -> state`` (``()`` for a stateless perturbation),
+- ``prepare(key, params, state) -> context``: choices shared by every direction of a step (the
+  block a block-coordinate method perturbs, say),
+- ``sample(key, params, state, context) -> direction``: one direction, a pytree with the
+  structure, shapes and dtypes of ``params`` (``params`` may hold ``jax.ShapeDtypeStruct``
+  leaves: only shapes and dtypes are read),
+- ``update(state, key, params, values, **extra_args) -> state`` after the step, from the step's
+  key (direction ``i`` is ``sample(fold_in(key, i), ...)``: it is regenerated, never stored) and
+  the objective values ``values`` (q, k) the step evaluated,
+
+plus ``cov_matvec(state, v) -> Σ v``, the covariance :math:`\Sigma = \mathbb{E}[u u^\top]`
+applied to a vector (for tests; the d × d matrix is never formed). On a quadratic the central
+two-point estimate then has mean :math:`\Sigma \nabla f`. A plain *sampler*
+``sample(key, params) -> direction`` is a stateless perturbation (:func:`stateless`); every
+``direction`` argument of zojax takes a name of :data:`SAMPLERS`, a sampler or a
+:class:`Perturbation` (:func:`as_perturbation`).
 
 Convention: every named sampler is *isotropic*, :math:`\mathbb{E}[u u^\top] = I` over the
 flattened parameters of size :math:`d`, so a smoothing :math:`\lambda` is the same perturbation
@@ -23,99 +37,109 @@ size for every kind and :math:`\mathbb{E}[(u^\top g)\, u] = g`:
 All four are unbiased for :math:`\nabla f` on quadratics with the central scheme.
 """
 
-import functools
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
+
+from zojax import _backend
 
 Sampler = Callable[[jax.Array, object], object]
 
-# Fused Threefry. On CPU, jax lowers its threefry2x32 primitive as a rolled 5-step loop: each
-# step is a pass over memory, its uint32 state and counters are parameter-sized buffers (3.5
-# parameter copies of a chunk_size=1 ZO step's memory), and nothing fuses with the consumer. The
-# helpers below compute exactly the same bits (jax_threefry_partitionable counters, 20 rounds) as
-# plain jnp ops that XLA fuses into one kernel with the float conversion: the samples are
-# bit-identical to jax.random.normal / jax.random.rademacher (so nothing statistical changes),
-# about 2.5x faster to draw on CPU and without the extra buffers. Other key implementations,
-# legacy raw keys, float64 and jax_threefry_partitionable=False fall back to jax.random.
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+class Perturbation(NamedTuple):
+    """A perturbation stage: ``init``, ``prepare``, ``sample``, ``update``, ``cov_matvec``.
 
-
-def _threefry2x32(k1, k2, x1, x2):
-    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as in jax.random, unrolled."""
-    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for block in range(5):
-        for rotation in _THREEFRY_ROTATIONS[block % 2]:
-            x1 = x1 + x2
-            x2 = x1 ^ ((x2 << np.uint32(rotation)) | (x2 >> np.uint32(32 - rotation)))
-        x1 = x1 + ks[(block + 1) % 3]
-        x2 = x2 + ks[(block + 2) % 3] + np.uint32(block + 1)
-    return x1, x2
-
-
-def _fused_bits(key, shape, rng_bits: int):
-    """``jax.random.bits``-equal unsigned bits of width ``rng_bits`` (8/16/32), flattened, or None.
-
-    None when the fused path would not reproduce jax.random exactly (then callers fall back).
+    See the module docstring for each function's signature. A stateful perturbation (``init``
+    returns a non-empty pytree) keeps its state in the transform's
+    ``TwoPointState.perturbation_state``; the pure estimators take it as the keyword argument
+    ``perturbation_state``.
     """
-    size = math.prod(shape)
-    if (not jax.config.jax_threefry_partitionable or not 0 < size < 2**32
-            or not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-            or str(jax.random.key_impl(key)) != "threefry2x32"):
-        return None
-    k1, k2 = jax.random.key_data(key)
-    # Flat counters (the 64-bit counter's low word; the high word is 0), reshaped by callers
-    # only after the float conversion: a reshaped iota would be hoisted out of loops and
-    # stored as a parameter-sized array.
-    counts = lax.iota(np.uint32, size)
-    bits1, bits2 = _threefry2x32(k1, k2, jnp.zeros((size,), np.uint32), counts)
-    bits = bits1 ^ bits2
-    return bits if rng_bits == 32 else lax.convert_element_type(bits, jnp.dtype(f"uint{rng_bits}"))
+
+    init: Callable[[Any], Any]
+    prepare: Callable[[jax.Array, Any, Any], Any]
+    sample: Callable[[jax.Array, Any, Any, Any], Any]
+    update: Callable[..., Any]
+    cov_matvec: Callable[[Any, Any], Any]
 
 
-def _uniform(key, shape, dtype, minval, maxval):
-    """``jax.random.uniform(key, shape, dtype, minval, maxval)``, fused when possible."""
-    info = jnp.finfo(dtype)
-    rng_bits = 8 if info.nmant < 8 else info.bits
-    bits = _fused_bits(key, shape, rng_bits) if info.bits in (16, 32) else None
-    if bits is None:
-        return jax.random.uniform(key, shape, dtype, minval, maxval)
-    uint = jnp.dtype(f"uint{info.bits}")
-    bits = lax.convert_element_type(bits, uint)
-    one = np.array(1.0, dtype).view(uint)
-    floats = lax.bitcast_convert_type((bits >> np.array(rng_bits - info.nmant, uint)) | one,
-                                      dtype) - np.array(1.0, dtype)
-    minval, maxval = np.array(minval, dtype), np.array(maxval, dtype)
-    return lax.max(minval, floats * (maxval - minval) + minval).reshape(shape)
+def _no_state(params):
+    del params
+    return ()
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))  # compiled as a unit even when called eagerly
-def _normal(key, shape, dtype):
-    """``jax.random.normal(key, shape, dtype)`` (bit for bit), fused when possible."""
-    dtype = jnp.dtype(dtype)
-    if jnp.finfo(dtype).bits not in (16, 32):
-        return jax.random.normal(key, shape, dtype)
-    lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
-    uniform = _uniform(key, shape, dtype, lo, 1.0)
-    return np.array(np.sqrt(2), dtype) * lax.erf_inv(uniform)
+def _no_context(key, params, state):
+    del key, params, state
+    return ()
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _rademacher(key, shape, dtype):
-    """``jax.random.rademacher(key, shape, dtype)`` (bit for bit), fused when possible."""
-    if jax.config.jax_enable_x64:  # bernoulli(p=0.5) then draws float64 uniforms
-        return jax.random.rademacher(key, shape, dtype)
-    bits = _fused_bits(key, shape, 32)
-    if bits is None:
-        return jax.random.rademacher(key, shape, dtype)
-    # uniform float32 < 0.5 exactly when the top random bit is 0.
-    return (1 - 2 * (bits >> np.uint32(31)).astype(jnp.int32)).astype(dtype).reshape(shape)
+def _keep_state(state, key, params, values, **extra_args):
+    del key, params, values, extra_args
+    return state
+
+
+def _identity(state, v):
+    del state
+    return v
+
+
+def stateless(sample: Sampler, cov_matvec: Callable | None = None) -> Perturbation:
+    """The stateless :class:`Perturbation` of a sampler ``sample(key, params) -> direction``.
+
+    ``cov_matvec(v) -> Σ v`` defaults to the identity: zojax's samplers are isotropic.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> perturbation = stateless(gaussian)
+        >>> state = perturbation.init(jnp.zeros(3))
+        >>> u = perturbation.sample(jax.random.key(0), jnp.zeros(3), state, ())
+        >>> bool(jnp.array_equal(u, gaussian(jax.random.key(0), jnp.zeros(3))))
+        True
+    """
+    matvec = _identity if cov_matvec is None else (lambda state, v: cov_matvec(v))
+    return Perturbation(_no_state, _no_context,
+                        lambda key, params, state, context: sample(key, params),
+                        _keep_state, matvec)
+
+
+def as_perturbation(direction) -> Perturbation:
+    """The :class:`Perturbation` of a ``direction`` argument: a name, a sampler or one itself.
+
+    Raises:
+        ValueError: ``direction`` is none of these (the message lists the names).
+    """
+    if isinstance(direction, Perturbation):
+        return direction
+    if isinstance(direction, str) and direction in SAMPLERS:
+        return PERTURBATIONS[direction]
+    if callable(direction):
+        return stateless(direction)
+    raise ValueError(
+        f"direction must be one of {tuple(SAMPLERS)}, a callable sample(key, params) or a "
+        f"zojax.directions.Perturbation, got {direction!r}.")
+
+
+def is_stateful(perturbation: Perturbation, params) -> bool:
+    """Whether ``perturbation.init(params)`` holds any array (read from shapes only)."""
+    return bool(jax.tree.leaves(jax.eval_shape(perturbation.init, params)))
+
+
+def check_direction(direction, params, name: str = "direction") -> None:
+    """Raises ValueError naming the leaf where ``direction`` differs from ``params`` in
+    structure, shape or dtype (both may hold ``jax.ShapeDtypeStruct`` leaves)."""
+    expected, got = jax.tree.structure(params), jax.tree.structure(direction)
+    if expected != got:
+        raise ValueError(f"{name}: a sampled direction must have the structure of params, "
+                         f"{expected}; got {got}.")
+    for (path, leaf), u in zip(jax.tree_util.tree_leaves_with_path(params),
+                               jax.tree.leaves(direction)):
+        if (u.shape, u.dtype) != (leaf.shape, leaf.dtype):
+            where = "params" + jax.tree_util.keystr(path)
+            raise ValueError(
+                f"{name}: the sampled direction's leaf {where} has shape {u.shape} and dtype "
+                f"{u.dtype}; the parameter has shape {leaf.shape} and dtype {leaf.dtype}.")
 
 
 def _leaf_keys(key, params):
@@ -139,7 +163,7 @@ def gaussian(key, params):
     """
     leaves, treedef, keys = _leaf_keys(key, params)
     return treedef.unflatten(
-        [_normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+        [_backend.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
     )
 
 
@@ -147,14 +171,14 @@ def rademacher(key, params):
     """Independent ±1 entries, so ``E[u uᵀ] = I``."""
     leaves, treedef, keys = _leaf_keys(key, params)
     return treedef.unflatten(
-        [_rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+        [_backend.rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
     )
 
 
 def sphere(key, params):
     """``√d · v`` with ``v`` uniform on the unit sphere of all ``d`` parameters; ``E[u uᵀ] = I``."""
     leaves, treedef, keys = _leaf_keys(key, params)
-    normals = [_normal(k, leaf.shape, jnp.float32) for k, leaf in zip(keys, leaves)]
+    normals = [_backend.normal(k, leaf.shape, jnp.float32) for k, leaf in zip(keys, leaves)]
     sq_norm = sum(jnp.sum(jnp.square(n)) for n in normals)
     scale = jnp.sqrt(num_params(params) / sq_norm)
     return treedef.unflatten(
@@ -184,9 +208,13 @@ SAMPLERS: dict[str, Sampler] = {
 }
 
 
+# The one registry of direction names: every `direction` argument is checked against it.
+PERTURBATIONS: dict[str, Perturbation] = {name: stateless(fn) for name, fn in SAMPLERS.items()}
+
+
 def get_sampler(direction: str | Sampler) -> Sampler:
     """Returns the sampler named ``direction``, or ``direction`` itself when it is callable."""
-    if callable(direction):
+    if callable(direction) and not isinstance(direction, Perturbation):
         return direction
     if isinstance(direction, str) and direction in SAMPLERS:
         return SAMPLERS[direction]

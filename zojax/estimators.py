@@ -1,4 +1,4 @@
-r"""Pure zeroth-order gradient estimators (matfree-style closures, key first).
+r"""Pure zeroth-order gradient estimators (matfree-style closures, key first), and their stages.
 
 Two-point estimates with ``q`` directions :math:`u_i` (see :mod:`zojax.directions`):
 
@@ -8,72 +8,99 @@ Two-point estimates with ``q`` directions :math:`u_i` (see :mod:`zojax.direction
     \qquad
     \text{forward: } \hat g = \frac1q \sum_i \frac{f(x+\lambda u_i) - f(x)}{\lambda} u_i
 
-Direction ``i`` is drawn from ``jax.random.fold_in(key, i)``, so the same key gives the same
-estimate whatever ``chunk_size`` is. With ``chunk_size=None`` all directions (and the ± pair of
-each) are evaluated as one vmapped batch; with ``chunk_size=c`` a ``lax.scan`` evaluates ``c``
-at a time (first :math:`x + \lambda u`, then :math:`x - \lambda u` in the same buffer) and
-accumulates :math:`\sum_i c_i u_i` on the fly, so each direction is generated, used and dropped
-(MeZO style) and memory does not grow with ``q``: a ``chunk_size=1`` step holds the
-accumulator, one direction and one perturbed copy of the parameters (3 parameter-sized
-buffers beyond the forward pass, at every ``q``).
+Every estimator of zojax is one pass of the same loop (the README's Architecture): a
+*perturbation* (:class:`zojax.directions.Perturbation`) samples direction ``i`` from
+``jax.random.fold_in(key, i)``; an *evaluation* computes the objective values the scheme needs,
+:math:`f(x + t_k u_i)` for the steps :math:`t_k` (``[λ, −λ]`` central, ``[λ]`` forward); a
+*weighting* (:mod:`zojax.weightings`) accumulates them chunk by chunk. The same key gives the
+same estimate whatever ``chunk_size`` is, and directions ``[start, start + n)`` form a
+:func:`partial_estimate` whose accumulators :func:`combine` exactly (to shard directions).
+
+With ``chunk_size=None`` all directions (and the ± pair of each) are evaluated as one vmapped
+batch; with ``chunk_size=c`` a ``lax.scan`` evaluates ``c`` at a time (first
+:math:`x + \lambda u`, then :math:`x - \lambda u` in the same buffer) and accumulates on the
+fly, so each direction is generated, used and dropped (MeZO style) and memory does not grow with
+``q``: a ``chunk_size=1`` step holds the accumulator, one direction and one perturbed copy of
+the parameters (3 parameter-sized buffers beyond the forward pass, at every ``q``).
 
 The objective is only ever *evaluated*: it is never differentiated (except by
-:func:`forward_grad`, the λ → 0 reference, which says so). An objective may also evaluate itself
-along lines, :math:`t \mapsto f(x + t u)` (its *line form*, see :func:`bind`); the two-point
-estimators then use that instead of perturbed copies of the parameters.
+:func:`forward_grad`, the λ → 0 reference, which says so). An :class:`Objective` may also
+evaluate itself along lines, :math:`t \mapsto f(x + t u)` (its *line form*, see :func:`bind`);
+the evaluation then uses that instead of perturbed copies of the parameters.
 """
 
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from zojax import _checks
-from zojax.directions import Sampler, get_sampler
+from zojax import _backend, _checks, weightings
+from zojax.directions import Perturbation, Sampler, as_perturbation, check_direction, is_stateful
 
 SCHEMES = ("central", "forward")
-_ELEMENTWISE_SUM_MAX = 8  # chunks up to this size accumulate Σ c_j u_j elementwise, not by a dot
+_SIGNS = {"central": (1, -1), "forward": (1,)}  # steps t_k = sign_k · λ of each scheme
 
 
-def _accumulator_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
+# ---------------------------------------------------------------------------------------------
+# Objectives
 
 
-def _weighted_sum(coeffs, directions, acc=None):
-    """Returns ``acc + Σ_j c_j u_j`` (or the bare sum when ``acc`` is None), in float32 or wider.
+class Objective(NamedTuple):
+    r"""An objective ``value(params) -> scalar`` and, optionally, its line form.
 
-    ``directions`` is a pytree batch (leading axis ``n``), ``coeffs`` has shape (n,). Small
-    batches (``chunk_size=1`` above all) are summed elementwise, so the whole update is one fused
-    in-place pass over the accumulator; large ones use a dot.
+    The *line form* ``along(params, direction, steps) -> [f(x + t_k u)]_k`` (one value per
+    entry of the 1-D ``steps``, up to rounding) is evaluated by the estimators instead of
+    ``value`` at perturbed copies of ``params``. For a model linear in its first stage,
+    :math:`f(x) = h(Ax)`, it computes :math:`Ax` and :math:`Au` once and :math:`h(Ax + t\,Au)`
+    for each step: ``q`` directions cost ``q + 1`` products with :math:`A` instead of ``2q``.
+    An Objective is called like its ``value``; build one with :func:`bind` to fix data
+    arguments. A function with an ``along`` attribute is read as an Objective with that line
+    form; a plain callable has none.
     """
-    def leaf(u, a):
-        dtype = _accumulator_dtype(u.dtype)
-        c, u = coeffs.astype(dtype), u.astype(dtype)
-        if u.shape[0] <= _ELEMENTWISE_SUM_MAX:
-            part = sum((c[j] * u[j] for j in range(1, u.shape[0])), c[0] * u[0])
-        else:
-            part = jnp.tensordot(c, u, axes=1)
-        return part if a is None else a + part
 
-    if acc is None:
-        return jax.tree.map(lambda u: leaf(u, None), directions)
-    return jax.tree.map(leaf, directions, acc)
+    value: Callable[..., jax.Array]
+    along: Callable[..., jax.Array] | None = None
+
+    def __call__(self, params, *args, **kwargs):
+        return self.value(params, *args, **kwargs)
 
 
-def bind(fun: Callable, *args, **kwargs) -> Callable:
-    r"""Returns ``params ↦ fun(params, *args, **kwargs)``, keeping ``fun``'s line form.
+def as_objective(fun: Callable, name: str = "fun") -> Objective:
+    """``fun`` as an :class:`Objective` whose value and line form check their output shapes.
 
-    A *line form* is an optional attribute of an objective,
-    ``fun.along(params, direction, steps, *args, **kwargs)``, that returns
-    :math:`[f(x + t_k u)]_k` for a 1-D array of steps :math:`t_k` (up to rounding). The two-point
-    estimators evaluate it, when present, instead of ``fun`` at perturbed copies of ``params``.
-    For a model linear in its first stage, :math:`f(x) = h(Ax)`, it computes :math:`Ax` and
-    :math:`Au` once and evaluates :math:`h(Ax + t\,Au)` for each step: ``q`` directions cost
-    ``q + 1`` products with :math:`A` instead of ``2q``, and under a ``vmap`` over parameters
-    that share their directions (a sweep with one seed), :math:`Au` is computed once for all of
-    them. The losses of :mod:`zojax.problems.linear` have one. A ``lambda`` drops the line form;
-    ``bind`` keeps it (use it for ``value_fn`` of the transforms).
+    Raises (when called):
+        ValueError: the value is not a scalar, or the line form does not return one value per
+            step (the message names ``name`` and the shapes).
+    """
+    value = fun.value if isinstance(fun, Objective) else fun
+    along = fun.along if isinstance(fun, Objective) else getattr(fun, "along", None)
+
+    def checked_value(*args, **kwargs):
+        out = value(*args, **kwargs)
+        if jnp.shape(out) != ():
+            raise ValueError(f"{name} must return a scalar, got an output of shape "
+                             f"{jnp.shape(out)}.")
+        return out
+
+    def checked_along(params, direction, steps, *args, **kwargs):
+        out = along(params, direction, steps, *args, **kwargs)
+        if jnp.shape(out) != jnp.shape(steps):
+            raise ValueError(f"{name}.along must return one value per step, shape "
+                             f"{jnp.shape(steps)}; got {jnp.shape(out)}.")
+        return out
+
+    return Objective(checked_value, None if along is None else checked_along)
+
+
+def bind(fun: Callable, *args, **kwargs) -> Objective:
+    r"""Returns the :class:`Objective` ``params ↦ fun(params, *args, **kwargs)``, keeping
+    ``fun``'s line form (``fun.along(params, direction, steps, *args, **kwargs)``).
+
+    Use it for ``value_fn`` of the transforms: a ``lambda`` drops the line form. The losses of
+    :mod:`zojax.problems.linear` have one; under a ``vmap`` over parameters that share their
+    directions (a sweep with one seed) their :math:`Au` is then computed once for all members.
 
     Example:
         >>> import jax.numpy as jnp
@@ -81,200 +108,302 @@ def bind(fun: Callable, *args, **kwargs) -> Callable:
         ...     return jnp.sum((a @ w) ** 2)
         >>> def loss_along(w, u, steps, a):  # h(Aw + t Au) for every step t
         ...     return jnp.sum((a @ w + steps[:, None] * (a @ u)) ** 2, axis=1)
-        >>> loss.along = loss_along
-        >>> value_fn = bind(loss, 2 * jnp.eye(2))
+        >>> value_fn = bind(Objective(loss, loss_along), 2 * jnp.eye(2))
         >>> float(value_fn(jnp.ones(2)))
         8.0
         >>> value_fn.along(jnp.ones(2), jnp.ones(2), jnp.array([0.0, 1.0])).tolist()
         [8.0, 32.0]
     """
+    value = fun.value if isinstance(fun, Objective) else fun
+    along = fun.along if isinstance(fun, Objective) else getattr(fun, "along", None)
 
     def bound(params):
-        return fun(params, *args, **kwargs)
+        return value(params, *args, **kwargs)
 
-    along = getattr(fun, "along", None)
-    if along is not None:
-        bound.along = lambda params, direction, steps: along(params, direction, steps, *args,
-                                                             **kwargs)
-    return bound
+    def bound_along(params, direction, steps):
+        return along(params, direction, steps, *args, **kwargs)
 
-
-def _computed_once(fn: Callable):
-    """``fn()`` in a two-trip loop whose second trip keeps the first one's result.
-
-    XLA inlines a one-trip loop, and then fuses an elementwise generator (a random direction)
-    into every consumer of its result, recomputing it in each. It cannot inline this loop, so
-    the result is computed once and stored.
-    """
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn))
-    return jax.lax.fori_loop(0, 2, lambda i, out: jax.lax.cond(i == 0, fn, lambda: out), init)
+    return Objective(bound, None if along is None else bound_along)
 
 
-def directional_estimate(estimate_chunk, sample: Sampler, key, params, num_directions: int,
-                         chunk_size: int | None):
-    """Returns ``(mean_i c_i u_i, values)`` for ``q`` directions ``u_i = sample(fold_in(key, i))``.
+# ---------------------------------------------------------------------------------------------
+# The loop every estimator shares: directions [start, start + num) in chunks, a weighting.
 
-    ``estimate_chunk(U, acc) -> (acc + Σ_j c_j u_j, values)`` evaluates the objective for a batch
-    of directions (leading axis ``n``), adds their weighted sum to ``acc`` (with
-    :func:`_weighted_sum`; ``acc`` is None for a single chunk) and returns the objective values it
-    evaluated (n, k). This is the one loop every estimator in zojax shares: vmapped at once, or
-    chunked in a ``lax.scan`` whose carry is the running sum, so that each direction is
-    generated, used and dropped.
+
+class PartialEstimate(NamedTuple):
+    """The accumulated evaluations of directions ``[start, start + num)``; see :func:`combine`.
+
+    ``finalize`` turns one (or a combination of several) into an estimate.
     """
 
+    acc: Any  # the weighting's accumulator.
+    value_sum: jax.Array  # Σ of the values the reported loss averages (f(x) alone: forward).
+    value_count: jax.Array  # int32 scalar: how many values value_sum holds.
+    finite: jax.Array  # bool scalar: every objective evaluation was finite.
+    num_queries: jax.Array  # int32 scalar: objective evaluations made.
+    values: jax.Array  # (num, k): the objective values of each direction, in index order.
+
+
+def _directional_loop(evaluate, weighting, key, params, perturbation: Perturbation, state,
+                      start, num: int, chunk_size: int | None):
+    """``(acc, values)`` of ``evaluate(acc, U) -> (acc, values)`` over chunks of directions.
+
+    Direction ``i ∈ [start, start + num)`` is ``perturbation.sample(fold_in(key, i), ...)``.
+    Vmapped at once (``chunk_size`` None or ≥ num), or chunked in a ``lax.scan`` whose carry is
+    the accumulator, so that each direction is generated, used and dropped.
+    """
+    context = perturbation.prepare(key, params, state)
+
+    def sample_one(i):
+        return perturbation.sample(jax.random.fold_in(key, i), params, state, context)
+
+    check_direction(jax.eval_shape(sample_one, jnp.zeros((), jnp.uint32)), params)
     dim = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    if isinstance(start, int):
+        indices = jnp.arange(start, start + num, dtype=jnp.uint32)
+    else:  # traced (a device's share of the directions)
+        indices = jnp.asarray(start, jnp.uint32) + jnp.arange(num, dtype=jnp.uint32)
 
-    def draw(indices):
-        # A loop (over batches of about 2¹⁶ random numbers) rather than one vmap: each direction
-        # is generated by one kernel and stored once. Vmapped, XLA fuses the generator into every
-        # consumer of the directions (the perturbed points and the weighted sum) and computes the
-        # random numbers again in each, in code whose last bits can differ from program to
-        # program; under a vmap over parameters that share the directions, once per member. A
-        # one-trip loop is inlined, so a single batch is stored by `_computed_once`, except when
-        # chunked: there each consumer regenerates the directions (MeZO style, no stored copy).
-        n = indices.shape[0]
-        batch = max(b for b in range(1, max(1, min(2**16 // max(dim, 1), n // 2)) + 1)
-                    if n % b == 0)
+    def chunk(acc, idx):
+        directions = _backend.draw(sample_one, idx, dim, regenerate=chunk_size is not None)
+        return evaluate(acc, directions)
 
-        def directions():
-            return jax.lax.map(lambda i: sample(jax.random.fold_in(key, i), params), indices,
-                               batch_size=batch)
+    acc = weighting.init(params)
+    if chunk_size is None or chunk_size >= num:
+        return chunk(acc, indices)
+    num_chunks, remainder = divmod(num, chunk_size)
+    main = indices[: num_chunks * chunk_size].reshape(num_chunks, chunk_size)
+    acc, values = jax.lax.scan(chunk, acc, main)
+    values = values.reshape(num_chunks * chunk_size, *values.shape[2:])
+    if remainder:
+        acc, rest = chunk(acc, indices[num_chunks * chunk_size:])
+        values = jnp.concatenate([values, rest])
+    return acc, values
 
-        return directions() if n > batch or chunk_size else _computed_once(directions)
 
-    indices = jnp.arange(num_directions, dtype=jnp.uint32)
-    if chunk_size is None or chunk_size >= num_directions:
-        total, values = estimate_chunk(draw(indices), None)
+def _perturbed_evaluation(objective: Objective, params, steps, weighting, chunked: bool):
+    """``evaluate(acc, U)`` of :func:`_directional_loop` for the values f(x + t_k u_i).
+
+    The line form when the objective has one; else perturbed copies of the parameters: all
+    steps in one vmapped batch when unchunked; chunked, one step after the other in a loop
+    whose second perturbed copy reuses the first one's buffer, the accumulator updated inside
+    it (outside, XLA keeps the directions and what they were computed from alive until the
+    update: one more parameter-sized buffer).
+    """
+    num_steps = steps.shape[0]
+    dtype = _backend.accumulator_dtype(steps.dtype)
+
+    def perturbed(step, directions):  # (n,) values f(x + step u_i)
+        def one(u):
+            return objective.value(jax.tree.map(lambda x, v: x + step.astype(x.dtype) * v,
+                                                params, u))
+
+        if chunked and jax.tree.leaves(directions)[0].shape[0] == 1:
+            # One direction: no unit batch axis, so the objective compiles as a plain forward
+            # pass (activations updated in place). Unchunked, the unit axis is kept: under the
+            # vmap over ± it gives linear models the faster X·[x+λu, x−λu] matmul layout.
+            return one(jax.tree.map(lambda u: u[0], directions))[None]
+        return jax.vmap(one)(directions)
+
+    def evaluate(acc, directions):
+        if objective.along is not None:
+            values = jax.vmap(lambda u: objective.along(params, u, steps))(directions)
+        elif num_steps == 1:
+            values = perturbed(steps[0], directions)[:, None]
+        elif not chunked:
+            values = jax.vmap(perturbed, (0, None))(steps, directions).T
+        else:
+            return _in_sequence(perturbed, steps, weighting, acc, directions, dtype)
+        values = values.astype(dtype)
+        return weighting.add(acc, values, directions), values
+
+    return evaluate
+
+
+def _in_sequence(perturbed, steps, weighting, acc, directions, dtype):
+    n = jax.tree.leaves(directions)[0].shape[0]
+    last = steps.shape[0] - 1
+
+    def step(carry, k):
+        acc, values = carry
+        values = values.at[:, k].set(perturbed(steps[k], directions).astype(dtype))
+        acc = jax.lax.cond(k == last, lambda: weighting.add(acc, values, directions),
+                           lambda: acc)
+        return (acc, values), None
+
+    (acc, values), _ = jax.lax.scan(step, (acc, jnp.zeros((n, last + 1), dtype)),
+                                    jnp.arange(last + 1))
+    return acc, values
+
+
+def _two_point_weighting(scheme: str, smoothing, base):
+    if scheme == "central":
+        return weightings.mean(lambda values: (values[:, 0] - values[:, 1]) / (2 * smoothing))
+    return weightings.mean(lambda values: (values[:, 0] - base) / smoothing)
+
+
+def _steps(scheme: str, smoothing, params):
+    dtype = jnp.result_type(*jax.tree.leaves(params))
+    return (jnp.asarray(_SIGNS[scheme], dtype) * smoothing).astype(dtype)
+
+
+def _state_or_init(perturbation: Perturbation, params, perturbation_state, name: str):
+    if perturbation_state is not None:
+        return perturbation_state
+    if is_stateful(perturbation, params):
+        raise ValueError(
+            f"{name}: direction is a stateful Perturbation and no perturbation_state was "
+            "given. Pass it, estimate_fn(key, params, *args, "
+            "perturbation_state=perturbation.init(params)), and update it with "
+            "perturbation.update after each step; or use zojax.two_point, which keeps it in its "
+            "optax state.")
+    return perturbation.init(params)
+
+
+def partial_estimate(fun: Callable, key, params, *, smoothing, start=0, num_directions: int,
+                     direction: str | Sampler | Perturbation = "gaussian",
+                     scheme: str = "central", chunk_size: int | None = None,
+                     weighting: weightings.Weighting | None = None,
+                     perturbation_state=None) -> PartialEstimate:
+    r"""The two-point evaluations of directions ``i ∈ [start, start + num_directions)``.
+
+    Direction ``i`` is drawn from ``fold_in(key, i)`` whatever the range, so partial estimates
+    of disjoint ranges :func:`combine` into the estimate of their union: two halves combined
+    give the whole (the multi-device estimators shard over this). ``start`` may be traced.
+
+    Args:
+        fun: objective ``fun(params) -> scalar`` (or an :class:`Objective`); only evaluated.
+        key: typed PRNG key of the step.
+        params: pytree of floating-point arrays.
+        smoothing, num_directions, direction, scheme, chunk_size: as :func:`zo_value_and_grad`.
+        start: the first direction index.
+        weighting: a :class:`zojax.weightings.Weighting` of the values (``(n, 2)`` for central
+            differences, ``f(x ± λu)``; ``(n, 1)`` forward); default the scheme's mean.
+        perturbation_state: the state of a stateful perturbation.
+
+    Returns:
+        A :class:`PartialEstimate`; :func:`finalize` gives ``(value, grads, finite)``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> f, key, x = (lambda p: jnp.sum(p ** 2)), jax.random.key(0), jnp.ones(3)
+        >>> halves = [partial_estimate(f, key, x, smoothing=0.1, start=s, num_directions=2)
+        ...           for s in (0, 2)]
+        >>> whole = partial_estimate(f, key, x, smoothing=0.1, num_directions=4)
+        >>> bool(jnp.allclose(finalize(combine(*halves), x)[1], finalize(whole, x)[1]))
+        True
+    """
+    _checks.check_float_params(params)
+    objective = as_objective(fun)
+    perturbation = as_perturbation(direction)
+    state = _state_or_init(perturbation, params, perturbation_state, "partial_estimate")
+    steps = _steps(scheme, smoothing, params)
+    if scheme == "forward":
+        base = objective.value(params)
+        base = base.astype(_backend.accumulator_dtype(base.dtype))
     else:
-        num_chunks, remainder = divmod(num_directions, chunk_size)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _accumulator_dtype(p.dtype)), params)
-        main = indices[: num_chunks * chunk_size].reshape(num_chunks, chunk_size)
-        total, values = jax.lax.scan(lambda acc, idx: estimate_chunk(draw(idx), acc), zeros, main)
-        values = values.reshape(num_chunks * chunk_size, *values.shape[2:])
-        if remainder:
-            total, rest = estimate_chunk(draw(indices[num_chunks * chunk_size:]), total)
-            values = jnp.concatenate([values, rest])
-    grads = jax.tree.map(lambda g, p: (g / num_directions).astype(p.dtype), total, params)
-    return grads, values
+        base = None
+    if weighting is None:
+        weighting = _two_point_weighting(scheme, smoothing, base)
+    evaluate = _perturbed_evaluation(objective, params, steps, weighting, chunk_size is not None)
+    acc, values = _directional_loop(evaluate, weighting, key, params, perturbation, state, start,
+                                    num_directions, chunk_size)
+    finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(smoothing) & (smoothing > 0)
+    if base is None:
+        value_sum, value_count, queries = jnp.sum(values), values.size, values.size
+    else:
+        finite &= jnp.isfinite(base)
+        value_sum, value_count, queries = base, 1, values.size + 1
+    return PartialEstimate(acc, value_sum, jnp.asarray(value_count, jnp.int32), finite,
+                           jnp.asarray(queries, jnp.int32), values)
+
+
+def combine(a: PartialEstimate, b: PartialEstimate,
+            weighting: weightings.Weighting | None = None) -> PartialEstimate:
+    """The partial estimate of the union of two disjoint direction ranges (``a``'s first).
+
+    ``weighting`` is the one both were made with (default: a mean, whatever its coefficients).
+    """
+    weighting = weighting or weightings.mean(None)
+    return PartialEstimate(weighting.combine(a.acc, b.acc), a.value_sum + b.value_sum,
+                           a.value_count + b.value_count, a.finite & b.finite,
+                           a.num_queries + b.num_queries, jnp.concatenate([a.values, b.values]))
+
+
+def finalize(partial: PartialEstimate, params,
+             weighting: weightings.Weighting | None = None):
+    """``(value, grads, finite)`` of a partial estimate; ``grads`` in the dtypes of ``params``.
+
+    ``value`` is ``f(x)`` for the forward scheme and the mean of the ``f(x ± λu)`` for the
+    central one.
+    """
+    weighting = weighting or weightings.mean(None)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), weighting.finalize(partial.acc), params)
+    return partial.value_sum / partial.value_count, grads, partial.finite
+
+
+class Estimate(NamedTuple):
+    """What one step of an estimator returns to :func:`zojax.transforms.estimator_transform`."""
+
+    value: jax.Array  # the loss the step computed (the mean of its evaluations, or f(x)).
+    grads: Any  # the estimate, the structure and dtypes of params.
+    finite: jax.Array  # bool scalar: every evaluation finite (else the step is skipped).
+    num_queries: jax.Array  # int32 scalar: objective evaluations made.
+    perturbation_state: Any  # the perturbation's state after the step.
+
+
+def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions: int,
+                       direction: str | Sampler | Perturbation = "gaussian",
+                       scheme: str = "central", chunk_size: int | None = None,
+                       weighting: weightings.Weighting | None = None,
+                       perturbation_state=None, **extra_args) -> Estimate:
+    """One step of the two-point estimator: the :class:`Estimate` for ``fun(params)``.
+
+    The perturbation's ``update`` receives the step's key, params, values and ``extra_args``.
+    """
+    perturbation = as_perturbation(direction)
+    state = _state_or_init(perturbation, params, perturbation_state, "two_point_estimate")
+    partial = partial_estimate(fun, key, params, smoothing=smoothing,
+                               num_directions=num_directions, direction=perturbation,
+                               scheme=scheme, chunk_size=chunk_size, weighting=weighting,
+                               perturbation_state=state)
+    value, grads, finite = finalize(partial, params, weighting)
+    state = perturbation.update(state, key, params, partial.values, **extra_args)
+    return Estimate(value, grads, finite, partial.num_queries, state)
 
 
 def _validate(smoothing, num_directions, direction, scheme, chunk_size):
     _checks.check_positive_finite("smoothing", smoothing)
     _checks.check_positive_int("num_directions", num_directions)
-    _checks.check_choice("direction", direction, ("gaussian", "sphere", "rademacher", "coordinate"),
-                         allow_callable=True)
+    as_perturbation(direction)
     _checks.check_choice("scheme", scheme, SCHEMES)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
 
 
-def _central_in_sequence(perturbed, smoothing, directions, acc):
-    """Central differences of a chunk with ``x + λU`` and ``x − λU`` evaluated one after the other.
-
-    A two-step loop: the second perturbed copy of the parameters reuses the first one's buffer,
-    and the accumulator is updated inside the loop (a no-op ``+ 0 · U`` on the first step), so
-    that the directions feed a single consumer and are stored once. Outside it, XLA keeps both
-    ``U`` and the ``erf_inv`` it was computed from alive until the update: one more
-    parameter-sized buffer, and a loop over ``q`` directions would then need 4 instead of 3.
-    """
-    n = jax.tree.leaves(directions)[0].shape[0]
-
-    def step(carry, sign):
-        acc, plus = carry
-        value = perturbed(sign, directions)
-        value = value.astype(_accumulator_dtype(value.dtype))
-        if acc is not None:
-            coeffs = jnp.where(sign < 0, (plus - value) / (2 * smoothing), 0.0)
-            acc = _weighted_sum(coeffs, directions, acc)
-        return (acc, value), value
-
-    dtype = _accumulator_dtype(jax.eval_shape(lambda: perturbed(1, directions)).dtype)
-    (acc_out, _), values = jax.lax.scan(step, (acc, jnp.zeros(n, dtype)), jnp.array([1, -1]))
-    if acc is None:
-        acc_out = _weighted_sum((values[0] - values[1]) / (2 * smoothing), directions)
-    return acc_out, values.T
-
-
-def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions: int,
-                       sample: Sampler, scheme: str, chunk_size: int | None):
-    """Returns ``(value, grads, finite)`` of the two-point estimator for ``fun(params)``.
-
-    ``finite`` is a boolean scalar: every objective evaluation was finite.
-    """
-    _checks.check_float_params(params)
-    fun = _checks.scalar_fun(fun)
-    along = getattr(fun, "along", None)
-
-    def along_lines(directions, signs):
-        """(n, k) values f(x + sign_k λ u_i) from the line form: no perturbed parameters."""
-        dtype = jnp.result_type(*jax.tree.leaves(params))
-        steps = (jnp.asarray(signs, dtype) * smoothing).astype(dtype)
-        return jax.vmap(lambda u: along(params, u, steps))(directions)
-
-    def perturbed(sign, directions):
-        def one(u):
-            return fun(jax.tree.map(
-                lambda x, v: x + jnp.asarray(sign * smoothing, x.dtype) * v, params, u))
-        if chunk_size is not None and jax.tree.leaves(directions)[0].shape[0] == 1:
-            # chunk_size=1: no unit batch axis, so the objective compiles as a plain forward pass
-            # (activations updated in place). Unchunked, the unit axis is kept: under the vmap
-            # over ± it gives linear models the faster X·[x+λu, x−λu] matmul layout.
-            return one(jax.tree.map(lambda u: u[0], directions))[None]
-        return jax.vmap(one)(directions)
-
-    if scheme == "central":
-        def estimate_chunk(directions, acc):
-            if along is not None:
-                values = along_lines(directions, [1, -1])
-                values = values.astype(_accumulator_dtype(values.dtype))  # (n, 2)
-                coeffs = (values[:, 0] - values[:, 1]) / (2 * smoothing)
-                return _weighted_sum(coeffs, directions, acc), values
-            if chunk_size is None:  # the ± pair of every direction in one vmapped batch
-                values = jax.vmap(perturbed, (0, None))(jnp.array([1, -1]), directions)
-                values = values.astype(_accumulator_dtype(values.dtype))  # (2, n)
-                coeffs = (values[0] - values[1]) / (2 * smoothing)
-                return _weighted_sum(coeffs, directions, acc), values.T
-            return _central_in_sequence(perturbed, smoothing, directions, acc)
-
-        grads, values = directional_estimate(estimate_chunk, sample, key, params, num_directions,
-                                             chunk_size)
-        value = jnp.mean(values)
-    else:
-        value = fun(params)
-        base = value.astype(_accumulator_dtype(value.dtype))
-
-        def estimate_chunk(directions, acc):
-            values = (along_lines(directions, [1])[:, 0] if along is not None
-                      else perturbed(1, directions)).astype(base.dtype)
-            return _weighted_sum((values - base) / smoothing, directions, acc), values[:, None]
-
-        grads, values = directional_estimate(estimate_chunk, sample, key, params, num_directions,
-                                             chunk_size)
-        value = base
-        values = jnp.append(values, base)
-    return value, grads, jnp.all(jnp.isfinite(values))
-
-
 def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
-                      direction: str | Sampler = "gaussian", scheme: str = "central",
-                      chunk_size: int | None = None):
+                      direction: str | Sampler | Perturbation = "gaussian",
+                      scheme: str = "central", chunk_size: int | None = None):
     r"""Two-point zeroth-order value and gradient estimator.
 
     Args:
-        fun: objective ``fun(params, *args, **kwargs) -> scalar``; only evaluated (through its
-            line form ``fun.along`` when it has one, see :func:`bind`).
+        fun: objective ``fun(params, *args, **kwargs) -> scalar``, or an :class:`Objective`;
+            only evaluated (through its line form when it has one, see :func:`bind`).
         smoothing: perturbation size :math:`\lambda > 0` (numeric, may be traced).
         num_directions: number ``q`` of directions averaged (static).
-        direction: ``"gaussian"``, ``"sphere"``, ``"rademacher"``, ``"coordinate"`` or a sampler
-            ``sample(key, params)`` (static); see :mod:`zojax.directions`.
+        direction: ``"gaussian"``, ``"sphere"``, ``"rademacher"``, ``"coordinate"``, a sampler
+            ``sample(key, params)`` or a :class:`zojax.directions.Perturbation` (static); see
+            :mod:`zojax.directions`. A stateful perturbation's state is passed to the returned
+            function as ``perturbation_state=``.
         scheme: ``"central"`` (2q evaluations) or ``"forward"`` (q + 1 evaluations, one shared
             ``f(x)``).
         chunk_size: evaluate this many directions at a time in a ``lax.scan`` (static); ``None``
             evaluates all of them in one vmapped batch.
 
     Returns:
-        ``value_and_grad_fn(key, params, *args, **kwargs) -> (value, grads)``; ``value`` is
-        ``f(params)`` for the forward scheme and the mean of the ``f(x ± λu)`` for the central
-        one; ``grads`` has the structure, shapes and dtypes of ``params``.
+        ``value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs) -> (value,
+        grads)``; ``value`` is ``f(params)`` for the forward scheme and the mean of the
+        ``f(x ± λu)`` for the central one; ``grads`` has the structure, shapes and dtypes of
+        ``params``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -284,23 +413,27 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
         (3,)
     """
     _validate(smoothing, num_directions, direction, scheme, chunk_size)
-    sample = get_sampler(direction)
+    perturbation = as_perturbation(direction)
 
-    def value_and_grad_fn(key, params, *args, **kwargs):
-        value, grads, _ = two_point_estimate(
-            bind(fun, *args, **kwargs), key, params, smoothing=smoothing,
-            num_directions=num_directions, sample=sample, scheme=scheme, chunk_size=chunk_size)
+    def value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs):
+        state = _state_or_init(perturbation, params, perturbation_state, "zo_value_and_grad")
+        partial = partial_estimate(bind(fun, *args, **kwargs), key, params, smoothing=smoothing,
+                                   num_directions=num_directions, direction=perturbation,
+                                   scheme=scheme, chunk_size=chunk_size,
+                                   perturbation_state=state)
+        value, grads, _ = finalize(partial, params)
         return value, grads
 
     return value_and_grad_fn
 
 
 def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
-            direction: str | Sampler = "gaussian", scheme: str = "central",
+            direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
             chunk_size: int | None = None):
     r"""Two-point zeroth-order gradient estimator, :math:`\hat g \approx \nabla f_\lambda(x)`.
 
-    Same arguments as :func:`zo_value_and_grad`; returns ``grad_fn(key, params, *args, **kwargs)``.
+    Same arguments as :func:`zo_value_and_grad`; returns ``grad_fn(key, params, *args,
+    perturbation_state=None, **kwargs)``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -318,28 +451,38 @@ def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
     return grad_fn
 
 
-def forward_grad_estimate(fun: Callable, key, params, *, num_directions: int, sample: Sampler,
-                          chunk_size: int | None = None):
-    """Returns ``(value, grads, finite)`` of the forward gradient ``mean_i (u_iᵀ∇f) u_i``."""
+def forward_grad_estimate(fun: Callable, key, params, *, num_directions: int,
+                          direction: str | Sampler | Perturbation = "gaussian",
+                          chunk_size: int | None = None, perturbation_state=None,
+                          **extra_args) -> Estimate:
+    """One step of the forward gradient ``mean_i (u_iᵀ∇f) u_i`` (one jvp per direction)."""
     _checks.check_float_params(params)
-    fun = _checks.scalar_fun(fun)
+    objective = as_objective(fun)
+    perturbation = as_perturbation(direction)
+    state = _state_or_init(perturbation, params, perturbation_state, "forward_grad")
+    weighting = weightings.mean(lambda values: values[:, 1])
 
-    def estimate_chunk(directions, acc):
-        value, slopes = jax.vmap(lambda u: jax.jvp(fun, (params,), (u,)))(directions)
-        coeffs = slopes.astype(_accumulator_dtype(slopes.dtype))
-        return _weighted_sum(coeffs, directions, acc), jnp.stack([value, slopes], 1)
+    def evaluate(acc, directions):
+        value, slopes = jax.vmap(lambda u: jax.jvp(objective.value, (params,), (u,)))(directions)
+        values = jnp.stack([value, slopes], 1)
+        values = values.astype(_backend.accumulator_dtype(values.dtype))
+        return weighting.add(acc, values, directions), values
 
-    grads, values = directional_estimate(estimate_chunk, sample, key, params, num_directions,
-                                         chunk_size)
-    return values[0, 0], grads, jnp.all(jnp.isfinite(values))
+    acc, values = _directional_loop(evaluate, weighting, key, params, perturbation, state, 0,
+                                    num_directions, chunk_size)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), weighting.finalize(acc), params)
+    state = perturbation.update(state, key, params, values, **extra_args)
+    return Estimate(values[0, 0], grads, jnp.all(jnp.isfinite(values)),
+                    jnp.asarray(num_directions, jnp.int32), state)
 
 
-def forward_grad(fun: Callable, *, num_directions: int = 1, direction: str | Sampler = "gaussian"):
+def forward_grad(fun: Callable, *, num_directions: int = 1,
+                 direction: str | Sampler | Perturbation = "gaussian"):
     r"""The λ → 0 limit of the two-point estimator: :math:`\frac1q\sum_i (u_i^\top\nabla f)\,u_i`.
 
     The "forward gradient" of ZO-Bench, computed with ``jax.jvp``: unlike :func:`zo_grad` it
     *does* differentiate ``fun`` (one jvp per direction). Returns
-    ``grad_fn(key, params, *args, **kwargs)``.
+    ``grad_fn(key, params, *args, perturbation_state=None, **kwargs)``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -348,12 +491,11 @@ def forward_grad(fun: Callable, *, num_directions: int = 1, direction: str | Sam
         (3,)
     """
     _checks.check_positive_int("num_directions", num_directions)
-    _checks.check_choice("direction", direction, ("gaussian", "sphere", "rademacher", "coordinate"),
-                         allow_callable=True)
-    sample = get_sampler(direction)
+    perturbation = as_perturbation(direction)
 
-    def grad_fn(key, params, *args, **kwargs):
-        return forward_grad_estimate(lambda p: fun(p, *args, **kwargs), key, params,
-                                     num_directions=num_directions, sample=sample)[1]
+    def grad_fn(key, params, *args, perturbation_state=None, **kwargs):
+        return forward_grad_estimate(bind(fun, *args, **kwargs), key, params,
+                                     num_directions=num_directions, direction=perturbation,
+                                     perturbation_state=perturbation_state).grads
 
     return grad_fn

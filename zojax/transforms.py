@@ -21,23 +21,33 @@ zero update (parameters stay unchanged and finite) and ``state.num_nonfinite`` i
 so a diverging run never silently corrupts its parameters; watch that counter.
 """
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from zojax import _checks, estimators
-from zojax.directions import Sampler, get_sampler
+from zojax.directions import Perturbation, Sampler, as_perturbation
 
 
 class TwoPointState(NamedTuple):
-    """State of :func:`two_point` and :func:`forward_gradient`."""
+    """State of :func:`estimator_transform` (so of :func:`two_point`, :func:`forward_gradient`).
+
+    Built from the first three fields alone, the others take their defaults.
+    """
 
     count: jax.Array  # int32 scalar: number of updates made.
     key: jax.Array  # typed PRNG key, split once per update.
     num_nonfinite: jax.Array  # int32 scalar: updates skipped for non-finite loss evaluations.
+    # float32 scalar: the loss the last update computed, at the params it was given (free: the
+    # estimator's own evaluations; the field optax.value_and_grad_from_state reads).
+    value: jax.Array = np.zeros((), np.float32)
+    perturbation_state: Any = ()  # the perturbation's state (``()`` when stateless).
+    num_queries: jax.Array = np.zeros((), np.int32)  # int32 scalar: objective evaluations so far.
 
 
 def _as_key(seed) -> jax.Array:
@@ -53,17 +63,59 @@ def _as_key(seed) -> jax.Array:
     return jax.random.key(seed)
 
 
-def _estimator_transform(estimate: Callable, seed, name: str
-                         ) -> optax.GradientTransformationExtraArgs:
-    """Wraps ``estimate(key, value_fn, params) -> (value, grads, finite)`` as an optax transform."""
+def _where(pred, new, old):
+    if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(
+            jnp.where(pred, jax.random.key_data(new), jax.random.key_data(old)),
+            impl=jax.random.key_impl(new))
+    return jnp.where(pred, new, old)
+
+
+def estimator_transform(estimate: Callable, seed=0, *,
+                        init_perturbation: Callable[[Any], Any] | None = None,
+                        name: str = "estimator") -> optax.GradientTransformationExtraArgs:
+    """An optax transform from one step of a zeroth-order estimator.
+
+    The one place that handles the optax state and the non-finite policy: each update splits the
+    state's key, calls ``estimate`` and, when an evaluation was not finite, returns a zero update,
+    keeps the perturbation state and counts the step in ``num_nonfinite``.
+
+    Args:
+        estimate: ``estimate(key, value_fn, params, perturbation_state, **extra_args) ->
+            zojax.estimators.Estimate`` (``value_fn`` is an :class:`zojax.estimators.Objective`
+            that checks its outputs).
+        seed: int seed or typed PRNG key.
+        init_perturbation: ``init(params) -> perturbation_state`` (default: no state).
+        name: the transform's name in error messages.
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` with a :class:`TwoPointState`, whose
+        ``update(updates, state, params, *, value_fn, **extra_args)`` ignores ``updates``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from zojax import estimators
+        >>> def estimate(key, value_fn, params, state, **extra_args):
+        ...     return estimators.two_point_estimate(value_fn, key, params, smoothing=0.01,
+        ...                                          num_directions=2, perturbation_state=state)
+        >>> opt = estimator_transform(estimate, seed=0)
+        >>> g, state = opt.update(None, opt.init(jnp.ones(2)), jnp.ones(2),
+        ...                       value_fn=lambda p: jnp.sum(p ** 2))
+        >>> int(state.num_queries)
+        4
+    """
 
     def init_fn(params):
         _checks.check_float_params(params)
+        perturbation_state = () if init_perturbation is None else init_perturbation(params)
         return TwoPointState(count=jnp.zeros([], jnp.int32), key=_as_key(seed),
-                             num_nonfinite=jnp.zeros([], jnp.int32))
+                             num_nonfinite=jnp.zeros([], jnp.int32),
+                             value=jnp.zeros([], jnp.float32),
+                             perturbation_state=perturbation_state,
+                             num_queries=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        del updates, extra_args
+        del updates
         if value_fn is None:
             raise ValueError(
                 f"{name}.update needs the objective as a keyword argument: "
@@ -72,18 +124,24 @@ def _estimator_transform(estimate: Callable, seed, name: str
             raise ValueError(f"{name}.update needs params: opt.update(None, state, params, "
                              "value_fn=...).")
         key, step_key = jax.random.split(state.key)
-        _, grads, finite = estimate(step_key, _checks.scalar_fun(value_fn, "value_fn"), params)
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        out = estimate(step_key, estimators.as_objective(value_fn, "value_fn"), params,
+                       state.perturbation_state, **extra_args)
+        finite = out.finite
+        grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), out.grads)
+        perturbation_state = jax.tree.map(functools.partial(_where, finite),
+                                          out.perturbation_state, state.perturbation_state)
         return grads, TwoPointState(
             count=optax.safe_increment(state.count), key=key,
-            num_nonfinite=state.num_nonfinite + jnp.logical_not(finite).astype(jnp.int32))
+            num_nonfinite=state.num_nonfinite + jnp.logical_not(finite).astype(jnp.int32),
+            value=jnp.asarray(out.value, jnp.float32), perturbation_state=perturbation_state,
+            num_queries=state.num_queries + out.num_queries)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def two_point(smoothing, num_directions: int = 1, *, direction: str | Sampler = "gaussian",
-              scheme: str = "central", chunk_size: int | None = None, seed=0
-              ) -> optax.GradientTransformationExtraArgs:
+def two_point(smoothing, num_directions: int = 1, *,
+              direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
+              chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     r"""Two-point zeroth-order gradient estimate as an optax transformation.
 
     .. math:: \hat g = \frac1q\sum_{i=1}^q \frac{f(x+\lambda u_i)-f(x-\lambda u_i)}{2\lambda}\,u_i
@@ -113,17 +171,20 @@ def two_point(smoothing, num_directions: int = 1, *, direction: str | Sampler = 
         >>> params = optax.apply_updates(params, updates)
     """
     estimators._validate(smoothing, num_directions, direction, scheme, chunk_size)
-    sample = get_sampler(direction)
+    perturbation = as_perturbation(direction)
 
-    def estimate(key, value_fn, params):
+    def estimate(key, value_fn, params, perturbation_state, **extra_args):
         return estimators.two_point_estimate(
             value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
-            sample=sample, scheme=scheme, chunk_size=chunk_size)
+            direction=perturbation, scheme=scheme, chunk_size=chunk_size,
+            perturbation_state=perturbation_state, **extra_args)
 
-    return _estimator_transform(estimate, seed, "two_point")
+    return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
+                               name="two_point")
 
 
-def forward_gradient(num_directions: int = 1, *, direction: str | Sampler = "gaussian", seed=0,
+def forward_gradient(num_directions: int = 1, *,
+                     direction: str | Sampler | Perturbation = "gaussian", seed=0,
                      chunk_size: int | None = None) -> optax.GradientTransformationExtraArgs:
     r"""The λ → 0 limit of :func:`two_point`: :math:`\frac1q\sum_i (u_i^\top\nabla f)\,u_i` by jvp.
 
@@ -138,17 +199,16 @@ def forward_gradient(num_directions: int = 1, *, direction: str | Sampler = "gau
         >>> g, state = opt.update(None, state, jnp.ones(3), value_fn=lambda p: jnp.sum(p ** 2))
     """
     _checks.check_positive_int("num_directions", num_directions)
-    _checks.check_choice("direction", direction, ("gaussian", "sphere", "rademacher", "coordinate"),
-                         allow_callable=True)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
-    sample = get_sampler(direction)
+    perturbation = as_perturbation(direction)
 
-    def estimate(key, value_fn, params):
-        return estimators.forward_grad_estimate(value_fn, key, params,
-                                                num_directions=num_directions, sample=sample,
-                                                chunk_size=chunk_size)
+    def estimate(key, value_fn, params, perturbation_state, **extra_args):
+        return estimators.forward_grad_estimate(
+            value_fn, key, params, num_directions=num_directions, direction=perturbation,
+            chunk_size=chunk_size, perturbation_state=perturbation_state, **extra_args)
 
-    return _estimator_transform(estimate, seed, "forward_gradient")
+    return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
+                               name="forward_gradient")
 
 
 def _check_learning_rate(learning_rate) -> None:
@@ -157,7 +217,7 @@ def _check_learning_rate(learning_rate) -> None:
 
 
 def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
-           direction: str | Sampler = "gaussian", scheme: str = "central",
+           direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
            chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     """ZO-SGD: ``chain(two_point(smoothing, num_directions, ...), sgd(learning_rate))``.
 
@@ -177,7 +237,7 @@ def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
 
 
 def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.999, eps=1e-8,
-            direction: str | Sampler = "gaussian", scheme: str = "central",
+            direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
             chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     """ZO-Adam: ``chain(two_point(...), adam(learning_rate, b1, b2, eps))``."""
     _check_learning_rate(learning_rate)
@@ -188,7 +248,7 @@ def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.9
 
 
 def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, *,
-                direction: str | Sampler = "gaussian", scheme: str = "central",
+                direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
                 chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     """ZO-signSGD: steps of ``-learning_rate · sign(ĝ)``."""
     _check_learning_rate(learning_rate)

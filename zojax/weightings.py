@@ -1,0 +1,171 @@
+r"""Weightings: how an estimator reduces the objective values of its directions.
+
+A :class:`Weighting` is a monoid over accumulators, called inside the estimators' loop over
+chunks of directions: ``init(params) -> acc``; ``add(acc, values, directions) -> acc`` for a
+chunk (``values`` (n, k): the k objective values the scheme evaluated per direction;
+``directions``: the chunk's n directions, a pytree batched on axis 0); ``combine(acc_a, acc_b)
+-> acc``; ``finalize(acc) -> estimate``. Since ``add`` only ever sees one chunk and ``combine``
+is exact, a chunked, scanned or sharded estimate equals the unchunked one (up to rounding).
+
+- :func:`mean`: :math:`\frac1q \sum_i c_i u_i` with coefficients :math:`c_i` from each
+  direction's values (the two-point estimators: central, forward).
+- :func:`softmax`: :math:`\sum_{i,k} w_{ik}\, s_k u_i` with :math:`w = \operatorname{softmax}
+  (t\, f_{ik})` over every value of every direction, through a running log-sum-exp (a tilted,
+  soft-max objective's self-normalized estimate).
+- :func:`mean_and_sem`: the mean and standard error of one scalar per direction (trace
+  estimators), by Chan's parallel update of (count, mean, M₂).
+
+A weighting that needs every value before it can weight any (rank-based shaping) is two passes:
+a first :func:`zojax.estimators.partial_estimate` collects the values, a second weights them.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from zojax import _backend
+
+
+class Weighting(NamedTuple):
+    """A weighting stage: ``init``, ``add``, ``combine``, ``finalize`` (see the module doc)."""
+
+    init: Callable[[Any], Any]
+    add: Callable[[Any, jax.Array, Any], Any]
+    combine: Callable[[Any, Any], Any]
+    finalize: Callable[[Any], Any]
+
+
+def _zeros_like_params(params):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, _backend.accumulator_dtype(p.dtype)),
+                        params)
+
+
+def _scalar_dtype(params):
+    return _backend.accumulator_dtype(jnp.result_type(*(p.dtype for p in jax.tree.leaves(params))))
+
+
+class MeanState(NamedTuple):
+    """Accumulator of :func:`mean`."""
+
+    total: Any  # Σ c_i u_i, the structure of params in float32 or wider.
+    count: jax.Array  # int32 scalar: directions added.
+
+
+def mean(coefficients: Callable[[jax.Array], jax.Array]) -> Weighting:
+    r"""The mean :math:`\frac1q\sum_i c_i u_i`, ``c = coefficients(values)`` of shape (n,).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> central = mean(lambda values: (values[:, 0] - values[:, 1]) / 2.0)
+        >>> acc = central.add(central.init(jnp.zeros(2)), jnp.array([[3.0, 1.0]]),
+        ...                   jnp.array([[1.0, 2.0]]))
+        >>> central.finalize(acc).tolist()
+        [1.0, 2.0]
+    """
+
+    def init(params):
+        return MeanState(_zeros_like_params(params), jnp.zeros((), jnp.int32))
+
+    def add(acc, values, directions):
+        total = _backend.weighted_sum(coefficients(values), directions, acc.total)
+        return MeanState(total, acc.count + values.shape[0])
+
+    def combine(a, b):
+        return MeanState(jax.tree.map(jnp.add, a.total, b.total), a.count + b.count)
+
+    def finalize(acc):
+        return jax.tree.map(lambda total: total / acc.count, acc.total)
+
+    return Weighting(init, add, combine, finalize)
+
+
+class SoftmaxState(NamedTuple):
+    """Accumulator of :func:`softmax`: sums scaled by ``exp(-max)``."""
+
+    max: jax.Array  # scalar: the largest score t·f so far (-inf before any).
+    total: Any  # Σ exp(t f_ik − max) s_k u_i, the structure of params.
+    norm: jax.Array  # scalar: Σ exp(t f_ik − max).
+
+
+def softmax(tilt, signs=(1.0, -1.0)) -> Weighting:
+    r""":math:`\sum_{i,k} w_{ik}\, s_k u_i`, :math:`w_{ik} = e^{t f_{ik}} / \sum_{jl} e^{t f_{jl}}`.
+
+    Args:
+        tilt: :math:`t` (numeric, may be traced).
+        signs: :math:`s_k`, the side of direction ``u_i`` that value column ``k`` was evaluated
+            at (``(1, -1)`` for the points :math:`x \pm \lambda u_i` of the central scheme).
+
+    Chunks are merged through a running log-sum-exp, so the result does not depend on how the
+    directions are chunked or split; a larger tilt weights the largest values more.
+    """
+    signs = jnp.asarray(signs)
+
+    def rescale(acc, new_max):
+        factor = jnp.where(jnp.isneginf(acc.max), 0.0, jnp.exp(acc.max - new_max))
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), acc.total), acc.norm * factor
+
+    def init(params):
+        dtype = _scalar_dtype(params)
+        return SoftmaxState(jnp.full((), -jnp.inf, dtype), _zeros_like_params(params),
+                            jnp.zeros((), dtype))
+
+    def add(acc, values, directions):
+        scores = (tilt * values).astype(acc.norm.dtype)
+        new_max = jnp.maximum(acc.max, jnp.max(scores))
+        weights = jnp.exp(scores - new_max)  # (n, k)
+        total, norm = rescale(acc, new_max)
+        total = _backend.weighted_sum(weights @ signs.astype(weights.dtype), directions, total)
+        return SoftmaxState(new_max, total, norm + jnp.sum(weights))
+
+    def combine(a, b):
+        new_max = jnp.maximum(a.max, b.max)
+        (total_a, norm_a), (total_b, norm_b) = rescale(a, new_max), rescale(b, new_max)
+        return SoftmaxState(new_max, jax.tree.map(jnp.add, total_a, total_b), norm_a + norm_b)
+
+    def finalize(acc):
+        return jax.tree.map(lambda total: total / acc.norm.astype(total.dtype), acc.total)
+
+    return Weighting(init, add, combine, finalize)
+
+
+class MomentsState(NamedTuple):
+    """Accumulator of :func:`mean_and_sem`."""
+
+    count: jax.Array  # scalar: samples added (float, for the update's arithmetic).
+    mean: jax.Array  # scalar: their mean.
+    m2: jax.Array  # scalar: Σ (x − mean)².
+
+
+def mean_and_sem(samples: Callable[[jax.Array], jax.Array]) -> Weighting:
+    """The mean of ``samples(values)`` (one scalar per direction) and its standard error.
+
+    ``finalize`` returns ``(mean, sem)``, ``sem = std(ddof=1) / √n`` (NaN for one sample).
+    """
+
+    def init(params):
+        zero = jnp.zeros((), _scalar_dtype(params))
+        return MomentsState(zero, zero, zero)
+
+    def add(acc, values, directions):
+        del directions
+        x = samples(values).astype(acc.mean.dtype)
+        chunk_mean = jnp.mean(x)
+        chunk = MomentsState(jnp.asarray(x.shape[0], x.dtype), chunk_mean,
+                             jnp.sum(jnp.square(x - chunk_mean)))
+        return combine(acc, chunk)
+
+    def combine(a, b):
+        count = a.count + b.count
+        share = jnp.where(count > 0, b.count / jnp.maximum(count, 1), 0.0)
+        delta = b.mean - a.mean
+        return MomentsState(count, a.mean + delta * share,
+                            a.m2 + b.m2 + jnp.square(delta) * a.count * share)
+
+    def finalize(acc):
+        variance = acc.m2 / (acc.count - 1)
+        sem = jnp.where(acc.count > 1, jnp.sqrt(variance / acc.count), jnp.nan)
+        return acc.mean, sem
+
+    return Weighting(init, add, combine, finalize)
