@@ -115,20 +115,23 @@ def _fused_rademacher(key, shape, dtype):
     return (1 - 2 * (bits >> np.uint32(31)).astype(jnp.int32)).astype(dtype).reshape(shape)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))  # compiled as a unit even when called eagerly
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))  # compiled as a unit even when eager
+def _sample(key, shape, dtype, kind, forced):
+    del forced  # a static argument, so that force_default() is not hidden by the jit cache
+    fused = {"normal": _fused_normal, "rademacher": _fused_rademacher}[kind]
+    plain = {"normal": jax.random.normal, "rademacher": jax.random.rademacher}[kind]
+    return select(key, cpu=lambda k: fused(k, shape, dtype),
+                  default=lambda k: plain(k, shape, dtype))
+
+
 def normal(key, shape, dtype):
     """``jax.random.normal(key, shape, dtype)``, bit for bit (fused Threefry on CPU)."""
-    dtype = jnp.dtype(dtype)
-    return select(key, cpu=lambda k: _fused_normal(k, shape, dtype),
-                  default=lambda k: jax.random.normal(k, shape, dtype))
+    return _sample(key, tuple(shape), jnp.dtype(dtype), "normal", bool(_FORCED))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
 def rademacher(key, shape, dtype):
     """``jax.random.rademacher(key, shape, dtype)``, bit for bit (fused Threefry on CPU)."""
-    dtype = jnp.dtype(dtype)
-    return select(key, cpu=lambda k: _fused_rademacher(k, shape, dtype),
-                  default=lambda k: jax.random.rademacher(k, shape, dtype))
+    return _sample(key, tuple(shape), jnp.dtype(dtype), "rademacher", bool(_FORCED))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ evaluate itself along lines, :math:`t \mapsto f(x + t u)` (its *line form*, see 
 the evaluation then uses that instead of perturbed copies of the parameters.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,7 +48,8 @@ _SIGNS = {"central": (1, -1), "forward": (1,)}  # steps t_k = sign_k · λ of ea
 # Objectives
 
 
-class Objective(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Objective:
     r"""An objective ``value(params) -> scalar`` and, optionally, its line form.
 
     The *line form* ``along(params, direction, steps) -> [f(x + t_k u)]_k`` (one value per
@@ -57,7 +59,8 @@ class Objective(NamedTuple):
     for each step: ``q`` directions cost ``q + 1`` products with :math:`A` instead of ``2q``.
     An Objective is called like its ``value``; build one with :func:`bind` to fix data
     arguments. A function with an ``along`` attribute is read as an Objective with that line
-    form; a plain callable has none.
+    form; a plain callable has none. (A dataclass, not a NamedTuple: ``jax.jit`` takes it, and
+    pytree functions see it as a leaf.)
     """
 
     value: Callable[..., jax.Array]
