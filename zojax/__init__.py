@@ -1,10 +1,11 @@
 """zojax: zeroth-order optimization in JAX, and the flatness of the minima it finds."""
 
-from zojax import datasets, directions, problems
+from zojax import datasets, directions, estimators, problems, transforms, weightings
 from zojax.curvature import hessian_top_eigenvalue, hessian_trace, hutchinson_trace, zo_trace
 from zojax.estimators import forward_grad, zo_grad, zo_value_and_grad
 from zojax.transforms import (
     TwoPointState,
+    estimator_transform,
     forward_gradient,
     two_point,
     zo_adam,
@@ -18,13 +19,17 @@ __all__ = [
     "TwoPointState",
     "datasets",
     "directions",
+    "estimator_transform",
+    "estimators",
     "forward_grad",
     "forward_gradient",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "hutchinson_trace",
     "problems",
+    "transforms",
     "two_point",
+    "weightings",
     "zo_adam",
     "zo_grad",
     "zo_sgd",
