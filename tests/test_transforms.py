@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from stages import diagonal_perturbation
 
 import zojax
 
@@ -19,6 +20,8 @@ REGISTRY = {
     "two_point_sphere": (zojax.two_point, dict(smoothing=0.01, direction="sphere")),
     "two_point_rademacher": (zojax.two_point, dict(smoothing=0.01, direction="rademacher")),
     "two_point_coordinate": (zojax.two_point, dict(smoothing=0.01, direction="coordinate")),
+    "two_point_stateful": (zojax.two_point, dict(smoothing=0.01, num_directions=3,
+                                                 direction=diagonal_perturbation())),
     "forward_gradient": (zojax.forward_gradient, dict(num_directions=2)),
     "zo_sgd": (zojax.zo_sgd, dict(learning_rate=0.1, smoothing=0.01, num_directions=2)),
     "zo_adam": (zojax.zo_adam, dict(learning_rate=0.1, smoothing=0.01)),
