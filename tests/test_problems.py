@@ -257,6 +257,31 @@ def test_affine_features_create_matches_fields():
     features = AffineFeatures.create(phi, jnp.ones((2, 4)), jnp.full(4, 0.5), jnp.full(4, 2.0))
     dense_norms = jnp.sum(features.dense() ** 2, axis=1)
     np.testing.assert_allclose(features.row_sq_norms, dense_norms, rtol=1e-5)
+    np.testing.assert_array_equal(features.inputs_t, phi.T)  # the products' copy of Φ
+    five = AffineFeatures(*features[:5])  # positional construction: no Φᵀ, the same products
+    assert five.inputs_t is None and five.shape == features.shape == (3, 5)
+    w = jnp.arange(5.0)
+    np.testing.assert_allclose(five @ w, features @ w, rtol=1e-6)
+
+
+def test_affine_derivatives_with_respect_to_the_map(x64):
+    """jax.grad with respect to Φ, W, μ and σ equals the dense X's (Φᵀ is not differentiated);
+    a vmap over stacked maps equals one map at a time."""
+    train, _, labels, w = affine_problem()
+
+    def through_dense(features):
+        return logistic_loss(w, AffineFeatures(*features[:5]).dense(), labels)
+
+    ours = jax.jit(jax.grad(lambda f: logistic_loss(w, f, labels)))(train)
+    theirs = jax.grad(through_dense)(train)
+    for name in ("inputs", "projection", "mean", "scale"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+    assert not np.any(ours.inputs_t)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 2.0 * x]), train)
+    np.testing.assert_allclose(jax.vmap(lambda f: f @ w)(stacked),
+                               jnp.stack([train @ w, jax.tree.map(lambda x: 2.0 * x, train) @ w]),
+                               rtol=1e-12)
 
 
 def test_linear_init_params():
