@@ -5,10 +5,12 @@ estimators that call ``fun(params, *args)``. Labels are b ∈ {−1, +1}. ``feat
 with ``features @ w``: a dense (N, D) array, or an :class:`AffineFeatures` map that never forms
 the N × D matrix.
 
-Both losses have a line form ``loss.along(w, u, steps, features, labels)``, f(w + t u) for every
-step t, which the two-point estimators use (see :func:`zojax.estimators.bind`). With an
-:class:`AffineFeatures` map it applies the map to w and u, not to every point w ± λu: q directions
-cost 1 + q columns instead of 2q, and a vmapped sweep sharing its directions computes X u once.
+The logistic loss comes exact (``logistic_loss``) and clipped as scikit-learn's ``log_loss``
+computes it (``clipped_logistic_loss``, the loss of the paper's public code). Every loss has a
+line form ``loss.along(w, u, steps, features, labels)``, f(w + t u) for every step t, which the
+two-point estimators use (see :func:`zojax.estimators.bind`). With an :class:`AffineFeatures` map
+it applies the map to w and u, not to every point w ± λu: q directions cost 1 + q columns instead
+of 2q, and a vmapped sweep sharing its directions computes X u once. :data:`LOSSES` names them.
 
 Closed-form Hessian traces (the paper's metrics), margins mᵢ = bᵢ xᵢᵀw, pᵢ = sigmoid(xᵢᵀw):
 
@@ -17,6 +19,8 @@ Closed-form Hessian traces (the paper's metrics), margins mᵢ = bᵢ xᵢᵀw, 
 """
 
 import functools
+import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -306,6 +310,48 @@ def _logistic(margins: jax.Array) -> jax.Array:
 
 logistic_loss.along = _along(_logistic)
 
+LOG_LOSS_EPS = float(np.finfo(np.float64).eps)
+"""ε = 2⁻⁵² ≈ 2.22e-16, the clipping of scikit-learn's ``log_loss`` for float64 probabilities
+(``np.finfo(float64).eps``): p is clipped to [ε, 1 − ε], so a per-sample loss lies in
+[−log(1 − ε), −log ε] ≈ [2.2e-16, 36.04]."""
+
+_LOG_LOSS_RANGE = (-math.log1p(-LOG_LOSS_EPS), -math.log(LOG_LOSS_EPS))
+
+
+def clipped_logistic_loss(w: jax.Array, features, labels: jax.Array) -> jax.Array:
+    """The logistic loss as ``sklearn.metrics.log_loss`` computes it, with p clipped to [ε, 1 − ε].
+
+    f(w) = (1/N) Σᵢ −log clip(sigmoid(bᵢ xᵢᵀw), ε, 1 − ε), ε = :data:`LOG_LOSS_EPS` = 2⁻⁵² (the
+    float64 machine epsilon that scikit-learn uses for float64 probabilities, whatever the dtype
+    of ``w``): each sample's loss is :func:`logistic_loss`'s clipped to [−log(1 − ε), −log ε], at
+    most ≈ 36.04 nats. This is the loss of the paper's public code for Figure 2; where a sample
+    is clipped its derivative is zero. Its Hessian trace equals :func:`logistic_hessian_trace`
+    up to pᵢ(1 − pᵢ) ≤ ε per clipped sample, below float32 resolution.
+
+    Args:
+        w: (D,) weights.
+        features: (N, D) dense array or :class:`AffineFeatures`.
+        labels: (N,) labels in {−1, +1}.
+
+    Returns:
+        The scalar mean loss.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> x, b = jnp.ones((2, 1)), jnp.array([1.0, -1.0])
+        >>> round(float(clipped_logistic_loss(jnp.array([100.0]), x, b)), 2)  # (0 + 36.04) / 2
+        18.02
+    """
+    return jnp.mean(_clipped_logistic(labels * _matvec(features, w)))
+
+
+def _clipped_logistic(margins: jax.Array) -> jax.Array:
+    return jnp.clip(_softplus(-margins), *_LOG_LOSS_RANGE)
+
+
+clipped_logistic_loss.along = _along(_clipped_logistic)
+
+
 def accuracy(w: jax.Array, features, labels: jax.Array) -> jax.Array:
     """Fraction of correct signs, mean(sign(xᵢᵀw) = bᵢ); a score of exactly 0 predicts +1 and
     a NaN score makes the accuracy NaN.
@@ -351,6 +397,23 @@ def logistic_hessian_trace(w: jax.Array, features, labels: jax.Array) -> jax.Arr
     # p (1 − p) = 1 / ((1 + e^−s)(1 + e^s)): no cancellation, 0 where an exp overflows, and one
     # division (XLA's CPU reductions run it ~5x faster than two sigmoids).
     return jnp.mean(squared_row_norms(features) / (2.0 + jnp.exp(scores) + jnp.exp(-scores)))
+
+
+class Loss(NamedTuple):
+    """A linear classifier's objective, ``fn(w, features, labels)``, with its closed-form trace."""
+
+    title: str  # how plots name it.
+    loss: Callable[..., jax.Array]  # the mean loss; it has a line form ``loss.along``.
+    hessian_trace: Callable[..., jax.Array]  # the closed-form trace of its Hessian.
+
+
+LOSSES = {
+    "svm": Loss("SVM (squared hinge)", svm_loss, svm_hessian_trace),
+    "logistic": Loss("logistic regression", logistic_loss, logistic_hessian_trace),
+    "clipped_logistic": Loss("logistic regression (log_loss, clipped)", clipped_logistic_loss,
+                             logistic_hessian_trace),
+}
+"""The losses of Figure 2 by name: :class:`Loss` (title, loss, closed-form Hessian trace)."""
 
 
 @functools.partial(jax.jit, static_argnames=("num_features", "dtype"))
