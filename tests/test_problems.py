@@ -171,8 +171,27 @@ def test_clipped_logistic_loss_equals_sklearn_log_loss(x64):
     assert one(-1e4, 1.0) == pytest.approx(36.04365338911715, rel=1e-15)
     exact = float(logistic_loss(jnp.ones(1), jnp.array([[3.0]]), jnp.array([-1.0])))
     assert one(3.0, -1.0) == exact
-    assert np.isfinite(jax.grad(clipped_logistic_loss)(jnp.array([1e4]), jnp.ones((2, 1)),
-                                                       jnp.array([1.0, -1.0]))).all()
+
+
+
+@pytest.mark.parametrize("kind", ["dense", "affine"])
+def test_clipped_logistic_loss_has_the_exact_derivatives(x64, kind):
+    """Only the values are clipped: gradient, jvp and Hessian trace are the exact loss's (the
+    paper's GD uses the exact gradient), also where every sample is clipped."""
+    if kind == "dense":
+        features, labels, w = dense_problem()
+    else:
+        features, _, labels, w = affine_problem()
+    for scale in (1.0, 1e3):  # at w·1e3 most margins are far beyond the cap of 36
+        v = scale * w
+        np.testing.assert_allclose(jax.grad(clipped_logistic_loss)(v, features, labels),
+                                   jax.grad(logistic_loss)(v, features, labels), rtol=1e-12)
+        np.testing.assert_allclose(exact_trace(clipped_logistic_loss, v, features, labels),
+                                   exact_trace(logistic_loss, v, features, labels), rtol=1e-12)
+    np.testing.assert_allclose(exact_trace(clipped_logistic_loss, w, features, labels),
+                               logistic_hessian_trace(w, features, labels), rtol=1e-9)
+    assert float(clipped_logistic_loss(1e3 * w, features, labels)) < float(
+        logistic_loss(1e3 * w, features, labels))
 
 
 def test_clipped_logistic_loss_float32():
