@@ -331,7 +331,7 @@ def clipped_logistic_loss(w: jax.Array, features, labels: jax.Array) -> jax.Arra
     :func:`logistic_loss`, as the paper's GD steps along the exact gradient Xᵀ(p − y)/N next to
     the clipped values (a straight-through clip; the clip's own derivative, zero wherever a
     sample is clipped, would stop GD on those samples). Hence :func:`logistic_hessian_trace` is
-    its trace, and ``zojax.hessian_trace`` agrees with it exactly.
+    its trace, which ``zojax.hessian_trace`` reproduces as for :func:`logistic_loss`.
 
     Args:
         w: (D,) weights.
