@@ -43,6 +43,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = (0,)
     # Which losses to run (each has its settings below): "svm" (squared hinge), "logistic".
     config.losses = ("svm", "logistic")
+    # The logistic loss: "exact", mean softplus(−b xᵀw) (zojax.problems.logistic_loss), or
+    # "clipped", as the paper's public code evaluates it with sklearn.metrics.log_loss: p clipped
+    # to [ε, 1 − ε], ε = 2⁻⁵² (float64 eps), so each sample's loss is at most −log ε ≈ 36.04
+    # (zojax.problems.clipped_logistic_loss; its derivatives are the exact loss's, as the
+    # paper's GD gradient). It changes the ZO runs, whose points w ± λu pass that cap on some
+    # rows, and the recorded losses; GD's trajectory stays the same.
+    config.logistic_loss = "exact"
     # Which methods to run on every (dataset, loss): "gd" and/or "zo".
     config.methods = ("gd", "zo")
 

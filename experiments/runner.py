@@ -220,8 +220,13 @@ def _leaves(tree, prefix=""):
             yield path, value
 
 
+def as_tuple(value) -> tuple:
+    """A config value as a tuple of the values it sweeps (one value: a 1-tuple)."""
+    return tuple(value) if isinstance(value, tuple | list) else (value,)
+
+
 def _check_positive(where: str, value) -> None:
-    for v in value if isinstance(value, tuple | list) else (value,):
+    for v in as_tuple(value):
         number = isinstance(v, int | float) and not isinstance(v, bool)
         if not (number and math.isfinite(v) and v > 0):
             raise ConfigError(f"{where} must be positive, got {value!r}.")
@@ -231,7 +236,7 @@ def validate(config, positive: Sequence[str] = POSITIVE_FIELDS) -> None:
     """Raises ConfigError (a ValueError) naming the field when a step count, λ or η is not positive.
 
     Every field (at any depth) whose name is in ``positive`` must hold a positive number or a
-    tuple of them; ``log_evals`` must be >= 0.
+    tuple of them, every field named ``seed`` non-negative integers; ``log_evals`` must be >= 0.
     """
     missing = [field for field in SCHEDULE_FIELDS if field not in config]
     if missing:
@@ -240,11 +245,33 @@ def validate(config, positive: Sequence[str] = POSITIVE_FIELDS) -> None:
         name = path.rsplit(".", 1)[-1]
         if name in positive:
             _check_positive(f"config.{path}", value)
+        if name == "seed" and not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                      for s in as_tuple(value)):
+            raise ConfigError(f"config.{path} must be non-negative integers, got {value!r}.")
     if config.get("log_evals", 0) < 0:
         raise ConfigError(f"config.log_evals must be >= 0, got {config.log_evals!r}.")
     if config.get("batch_members", "vmap") not in BATCHING:
         raise ConfigError(f"config.batch_members must be one of {BATCHING}, got "
                           f"{config.batch_members!r}.")
+
+
+def check_choices(config, choices: Mapping[str, Sequence]) -> None:
+    """Raises ConfigError naming the field unless each field of ``choices`` holds known values.
+
+    A field holding a tuple (a sweep) must be non-empty, without repeats, of known values; a
+    field holding one value must be known. ``choices[field]`` of None allows any value (the
+    tuple is only checked to be non-empty, without repeats).
+    """
+    for field, known in choices.items():
+        value = config[field]
+        values = as_tuple(value)
+        if known is not None and any(v not in known for v in values):
+            kind = "a non-empty tuple of" if isinstance(value, tuple | list) else "one of"
+            raise ConfigError(f"config.{field} must be {kind} {tuple(known)}, got {value!r}.")
+        if not values:
+            raise ConfigError(f"config.{field} must name at least one value, got {value!r}.")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"config.{field} has repeated values: {value!r}.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,9 +166,8 @@ def fig1_objective(member, config):
 def fig2_objective(member, config):
     """Figure 2: the train loss and its closed-form trace, on the library's affine feature map
     (rebuilt in float64, row norms included)."""
-    loss = linear_models.LOSSES[member.hparams["loss"]]
+    loss = linear_models.LOSSES[linear_models.registry_name(config, member.hparams["loss"])]
     train, labels = member.problem.data[:2]
-    train = train.library_map()  # the experiment stores Φ transposed
     features = linear.AffineFeatures.create(*to64((train.inputs, train.projection, train.mean,
                                                    train.scale)))
     return loss.loss, loss.hessian_trace, (features, to64(labels)), config.reference_chunk_size
@@ -233,7 +232,7 @@ if fig2:
     for run in fig2[1]["runs"]:
         panels.setdefault((run["hparams"]["dataset"], run["hparams"]["loss"]), []).append(run)
     for (dataset, loss), runs in panels.items():
-        features = members[runs[0]["name"]].problem.data[0].library_map()
+        features = members[runs[0]["name"]].problem.data[0]
         zo = [run for run in runs if run["method"] == "zo"]
         lam = zo[0]["hparams"]["smoothing"] if zo else 0.0
         print(f"{dataset}, {loss}: D = {features.shape[1]} parameters, rank X ≤ d + 1 = "

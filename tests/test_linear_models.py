@@ -99,12 +99,10 @@ def test_closed_form_traces_match_zojax_hessian_trace():
     data = datasets.synthetic_libsvm(seed=1, like="w1a")
     train, test = linear.random_features(jax.random.key(0), data.train_inputs,
                                          data.test_inputs, num_features=200)
-    features = linear_models._FastFeatures.of(train)
-    args = (features, jnp.asarray(data.train_labels), linear_models._FastFeatures.of(test),
-            jnp.asarray(data.test_labels))
-    ws = jnp.stack([linear.init_params(jax.random.key(2), features.shape[1], scale)
+    args = (train, jnp.asarray(data.train_labels), test, jnp.asarray(data.test_labels))
+    ws = jnp.stack([linear.init_params(jax.random.key(2), train.shape[1], scale)
                     for scale in (0.1, 1.0)])
-    for loss in ("svm", "logistic"):
+    for loss in ("svm", "logistic", "clipped_logistic"):
         metrics, reference = linear_models.METRICS[loss], linear_models._reference(loss, 64)
         both = jax.jit(jax.vmap(lambda w, metrics=metrics, reference=reference: (
             metrics(w, *args)["hessian_trace"], reference(w, *args))))
@@ -113,8 +111,9 @@ def test_closed_form_traces_match_zojax_hessian_trace():
 
 
 def test_fast_features_equal_the_library_map():
-    """The vmap-friendly X·w: same values under jit, vmap, nested vmap, grad and vmap(grad), and
-    in the line form of vmapped weights sharing a direction."""
+    """The map's X·w with Φᵀ (the experiment's), with Φ (a map built from five fields) and the
+    dense X: same values under jit, vmap, nested vmap, grad and vmap(grad), and in the line form
+    of vmapped weights sharing a direction."""
     data = datasets.synthetic_libsvm(seed=0, like="a1a")
     train, _ = linear.random_features(jax.random.key(0), data.train_inputs, num_features=300)
     labels = jnp.asarray(data.train_labels)
@@ -135,10 +134,29 @@ def test_fast_features_equal_the_library_map():
                     jax.vmap(jax.grad(loss), (0, None, None))(ws, features, labels)]
         return out
 
-    for ours, expected in zip(everything(linear_models._FastFeatures.of(train)), everything(train),
-                              strict=True):
-        np.testing.assert_allclose(ours, expected, rtol=2e-5,
-                                   atol=2e-6 * float(jnp.max(jnp.abs(expected))))
+    assert train.inputs_t is not None
+    expected = everything(train.dense())
+    for features in (train, linear.AffineFeatures(*train[:5])):
+        for ours, theirs in zip(everything(features), expected, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=2e-5,
+                                       atol=2e-6 * float(jnp.max(jnp.abs(theirs))))
+
+
+def test_clipped_logistic_loss_option(tmp_path):
+    """config.logistic_loss="clipped": the logistic runs train and record sklearn's clipped loss
+    (same results.json fields and names), the SVM runs are unchanged."""
+    config = linear_models_config.get_config("smoke")
+    config.num_steps, config.methods = 20, ("zo",)
+    config.logistic_loss = "clipped"
+    experiment = dataclasses.replace(linear_models.get_experiment(config), plot=None)
+    problems = {m.name: m.problem for m in experiment.members}
+    assert problems["synthetic/logistic/zo"].loss is linear_models.OBJECTIVES["clipped_logistic"]
+    assert problems["synthetic/svm/zo"].loss is linear_models.OBJECTIVES["svm"]
+    results = runner.run(experiment, config, tmp_path)
+    assert results["config"]["logistic_loss"] == "clipped"
+    assert [r["hparams"]["loss"] for r in results["runs"]] == ["svm", "logistic"]
+    title = linear_models.plot(results).axes[1].get_title()
+    assert title.startswith(linear.LOSSES["clipped_logistic"].title)
 
 
 def test_sweep_member_equals_standalone_run(tmp_path):
@@ -205,6 +223,8 @@ def test_bad_config_values_name_the_field(field, value, tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("losses", ("svm", "hinge"), "config.losses must be"),
+    ("losses", ("clipped_logistic",), "config.losses must be"),
+    ("logistic_loss", "sklearn", r"config.logistic_loss must be one of \('exact', 'clipped'\)"),
     ("methods", ("sgd",), "config.methods must be"),
     ("datasets", ("synthetic-z9z",), "synthetic-<name> of a LIBSVM dataset"),
     ("datasets", (), "config.datasets must name"),

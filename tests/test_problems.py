@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from zojax.problems import (
+    LOG_LOSS_EPS,
+    LOSSES,
     AffineFeatures,
     accuracy,
+    clipped_logistic_loss,
     linear,
     logistic_hessian_trace,
     logistic_loss,
@@ -110,7 +113,8 @@ def test_losses_match_numpy(x64):
 
 
 @pytest.mark.parametrize("kind", ["dense", "affine"])
-@pytest.mark.parametrize("loss", [svm_loss, logistic_loss], ids=["svm", "logistic"])
+@pytest.mark.parametrize("loss", [svm_loss, logistic_loss, clipped_logistic_loss],
+                         ids=["svm", "logistic", "clipped_logistic"])
 def test_line_form_evaluates_the_loss_along_a_line(x64, loss, kind):
     """loss.along(w, u, steps, X, b)[k] = loss(w + t_k u, X, b), also batched over directions,
     over points sharing a direction and over both, and under jacfwd and grad."""
@@ -136,6 +140,73 @@ def test_line_form_evaluates_the_loss_along_a_line(x64, loss, kind):
     np.testing.assert_allclose(jax.jacfwd(line)(w, u), jax.jacfwd(each)(w, u), rtol=1e-10)
     np.testing.assert_allclose(jax.grad(lambda w: line(w, u)[0])(w),
                                jax.grad(lambda w: each(w, u)[0])(w), rtol=1e-10)
+
+
+def test_clipped_logistic_loss_equals_sklearn_log_loss(x64):
+    """sklearn.metrics.log_loss(y, sigmoid(s)) on the same float64 scores, clipped ones included,
+    and the exact loss where nothing is clipped."""
+    from scipy.special import expit
+    from sklearn.metrics import log_loss
+
+    assert LOG_LOSS_EPS == np.finfo(np.float64).eps
+    rng = np.random.default_rng(0)
+    labels = np.where(rng.random(400) < 0.5, 1.0, -1.0)
+    y = (labels + 1.0) / 2.0
+    # Scores up to ±100 (|s| > 36.04 is clipped); |s| in (15, 37) is left out of the one-column
+    # form: there sklearn's 1 − p loses digits (float64 cancellation), the two-column form not.
+    scores = rng.choice([-1.0, 1.0], 400) * np.concatenate([rng.uniform(0, 15, 200),
+                                                              rng.uniform(37, 100, 200)])
+    scores[:4] = [0.0, -36.0, 36.5, -1e4]
+    ours = clipped_logistic_loss(jnp.ones(1), jnp.asarray(scores[:, None]), jnp.asarray(labels))
+    np.testing.assert_allclose(ours, log_loss(y, expit(scores)), rtol=1e-12)
+    assert float(ours) < float(logistic_loss(jnp.ones(1), jnp.asarray(scores[:, None]),
+                                             jnp.asarray(labels)))
+    wide = rng.normal(0.0, 30.0, 400)
+    np.testing.assert_allclose(
+        clipped_logistic_loss(jnp.ones(1), jnp.asarray(wide[:, None]), jnp.asarray(labels)),
+        log_loss(y, np.stack([expit(-wide), expit(wide)], axis=1)), rtol=1e-12)
+    # Per sample: at most −log ε ≈ 36.04 nats; unclipped scores give the exact loss.
+    one = lambda s, b: float(clipped_logistic_loss(jnp.ones(1), jnp.array([[s]]), jnp.array([b])))
+    assert one(-1e4, 1.0) == pytest.approx(-np.log(LOG_LOSS_EPS), rel=1e-15)
+    assert one(-1e4, 1.0) == pytest.approx(36.04365338911715, rel=1e-15)
+    exact = float(logistic_loss(jnp.ones(1), jnp.array([[3.0]]), jnp.array([-1.0])))
+    assert one(3.0, -1.0) == exact
+
+
+
+@pytest.mark.parametrize("kind", ["dense", "affine"])
+def test_clipped_logistic_loss_has_the_exact_derivatives(x64, kind):
+    """Only the values are clipped: gradient, jvp and Hessian trace are the exact loss's (the
+    paper's GD uses the exact gradient), also where every sample is clipped."""
+    if kind == "dense":
+        features, labels, w = dense_problem()
+    else:
+        features, _, labels, w = affine_problem()
+    for scale in (1.0, 1e3):  # at w·1e3 most margins are far beyond the cap of 36
+        v = scale * w
+        np.testing.assert_allclose(jax.grad(clipped_logistic_loss)(v, features, labels),
+                                   jax.grad(logistic_loss)(v, features, labels), rtol=1e-12)
+        np.testing.assert_allclose(exact_trace(clipped_logistic_loss, v, features, labels),
+                                   exact_trace(logistic_loss, v, features, labels), rtol=1e-12)
+    np.testing.assert_allclose(exact_trace(clipped_logistic_loss, w, features, labels),
+                               logistic_hessian_trace(w, features, labels), rtol=1e-9)
+    assert float(clipped_logistic_loss(1e3 * w, features, labels)) < float(
+        logistic_loss(1e3 * w, features, labels))
+
+
+def test_clipped_logistic_loss_float32():
+    """float32 weights keep float32 and the same cap (ε is float64's, as in the paper's code)."""
+    x, b = jnp.ones((2, 1), jnp.float32), jnp.array([1.0, -1.0], jnp.float32)
+    value = clipped_logistic_loss(jnp.array([200.0], jnp.float32), x, b)
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(value, 36.04365338911715 / 2, rtol=1e-6)
+
+
+def test_losses_registry():
+    assert set(LOSSES) == {"svm", "logistic", "clipped_logistic"}
+    assert LOSSES["logistic"].loss is logistic_loss and LOSSES["svm"].loss is svm_loss
+    assert LOSSES["clipped_logistic"].hessian_trace is logistic_hessian_trace
+    assert all(callable(entry.loss.along) and entry.title for entry in LOSSES.values())
 
 
 def test_logistic_loss_is_stable_for_large_margins():
@@ -257,6 +328,31 @@ def test_affine_features_create_matches_fields():
     features = AffineFeatures.create(phi, jnp.ones((2, 4)), jnp.full(4, 0.5), jnp.full(4, 2.0))
     dense_norms = jnp.sum(features.dense() ** 2, axis=1)
     np.testing.assert_allclose(features.row_sq_norms, dense_norms, rtol=1e-5)
+    np.testing.assert_array_equal(features.inputs_t, phi.T)  # the products' copy of Φ
+    five = AffineFeatures(*features[:5])  # positional construction: no Φᵀ, the same products
+    assert five.inputs_t is None and five.shape == features.shape == (3, 5)
+    w = jnp.arange(5.0)
+    np.testing.assert_allclose(five @ w, features @ w, rtol=1e-6)
+
+
+def test_affine_derivatives_with_respect_to_the_map(x64):
+    """jax.grad with respect to Φ, W, μ and σ equals the dense X's (Φᵀ is not differentiated);
+    a vmap over stacked maps equals one map at a time."""
+    train, _, labels, w = affine_problem()
+
+    def through_dense(features):
+        return logistic_loss(w, AffineFeatures(*features[:5]).dense(), labels)
+
+    ours = jax.jit(jax.grad(lambda f: logistic_loss(w, f, labels)))(train)
+    theirs = jax.grad(through_dense)(train)
+    for name in ("inputs", "projection", "mean", "scale"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+    assert not np.any(ours.inputs_t)
+    stacked = jax.tree.map(lambda x: jnp.stack([x, 2.0 * x]), train)
+    np.testing.assert_allclose(jax.vmap(lambda f: f @ w)(stacked),
+                               jnp.stack([train @ w, jax.tree.map(lambda x: 2.0 * x, train) @ w]),
+                               rtol=1e-12)
 
 
 def test_linear_init_params():
