@@ -39,10 +39,9 @@ def _train_only(fn):
     return lambda *args: fn(*args[:-2])
 
 
-def _objective(loss: Loss):
-    objective = _train_only(loss.loss)
-    objective.along = _train_only(loss.loss.along)  # the line form: X·w and X·u, then each step
-    return objective
+def _objective(loss: Loss) -> zojax.estimators.Objective:
+    # With its line form: X·w and X·u, then each step.
+    return zojax.estimators.Objective(_train_only(loss.loss), _train_only(loss.loss.along))
 
 
 def _metrics(loss: Loss):
