@@ -194,7 +194,6 @@ def _perturbed_evaluation(objective: Objective, params, steps, weighting, chunke
     update: one more parameter-sized buffer).
     """
     num_steps = steps.shape[0]
-    dtype = _backend.accumulator_dtype(steps.dtype)
 
     def perturbed(step, directions):  # (n,) values f(x + step u_i)
         def one(u):
@@ -216,16 +215,18 @@ def _perturbed_evaluation(objective: Objective, params, steps, weighting, chunke
         elif not chunked:
             values = jax.vmap(perturbed, (0, None))(steps, directions).T
         else:
-            return _in_sequence(perturbed, steps, weighting, acc, directions, dtype)
-        values = values.astype(dtype)
+            return _in_sequence(perturbed, steps, weighting, acc, directions)
+        values = values.astype(_backend.accumulator_dtype(values.dtype))
         return weighting.add(acc, values, directions), values
 
     return evaluate
 
 
-def _in_sequence(perturbed, steps, weighting, acc, directions, dtype):
+def _in_sequence(perturbed, steps, weighting, acc, directions):
     n = jax.tree.leaves(directions)[0].shape[0]
     last = steps.shape[0] - 1
+    value = jax.eval_shape(lambda: perturbed(steps[0], directions))
+    dtype = _backend.accumulator_dtype(value.dtype)
 
     def step(carry, k):
         acc, values = carry
