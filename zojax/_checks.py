@@ -43,15 +43,11 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
         )
 
 
-def check_choice(name: str, value, choices: Iterable[str], *, allow_callable: bool = False) -> None:
-    """Raises ValueError unless ``value`` is one of ``choices`` (or a callable when allowed)."""
+def check_choice(name: str, value, choices: Iterable[str]) -> None:
+    """Raises ValueError unless ``value`` is one of ``choices``."""
     choices = tuple(choices)
-    if allow_callable and callable(value):
-        return
-    if isinstance(value, str) and value in choices:
-        return
-    extra = " or a callable sample(key, params)" if allow_callable else ""
-    raise ValueError(f"{name} must be one of {choices}{extra}, got {value!r}.")
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
 
 
 def check_float_params(params) -> None:
