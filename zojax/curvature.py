@@ -60,18 +60,16 @@ def hessian_trace(fun, params, *args, chunk_size: int | None = None, **kwargs):
     return jnp.sum(jax.lax.map(diagonal_entry, jnp.arange(dim), batch_size=size))
 
 
-def _trace_samples(make_evaluate, samples, key, params, direction, num_samples, chunk_size):
+def _trace_samples(make_evaluate, samples, key, params, perturbation, num_samples, chunk_size):
     """Mean and SEM of one scalar ``samples(values)`` per probe, through the estimators' loop.
 
     ``make_evaluate(weighting) -> evaluate(acc, probes) -> (acc, values)``; probe ``k`` is
     ``fold_in(key, k)``; ``chunk_size`` probes at a time (None: one at a time).
     """
-    perturbation = as_perturbation(direction)
     weighting = weightings.mean_and_sem(samples)
     acc, _ = estimators._directional_loop(make_evaluate(weighting), weighting, key, params,
-                                          perturbation,
-                                          perturbation.init(params), 0, num_samples,
-                                          chunk_size or 1)
+                                          perturbation, perturbation.init(params), 0,
+                                          num_samples, chunk_size or 1)
     return weighting.finalize(acc)
 
 
@@ -88,7 +86,7 @@ def hutchinson_trace(fun, key, params, *args, num_samples: int, chunk_size: int 
     """
     _checks.check_positive_int("num_samples", num_samples)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
-    as_perturbation(direction)
+    perturbation = as_perturbation(direction)
     _checks.check_float_params(params)
     f = estimators.as_objective(estimators.bind(fun, *args, **kwargs))
     hvp = _hvp(f.value)
@@ -103,7 +101,7 @@ def hutchinson_trace(fun, key, params, *args, num_samples: int, chunk_size: int 
             return weighting.add(acc, values, probes), values
         return evaluate
 
-    return _trace_samples(make_evaluate, lambda values: values[:, 0], key, params, direction,
+    return _trace_samples(make_evaluate, lambda values: values[:, 0], key, params, perturbation,
                           num_samples, chunk_size)
 
 
@@ -126,7 +124,7 @@ def zo_trace(fun, key, params, *args, delta, num_samples: int, chunk_size: int |
     _checks.check_positive_finite("delta", delta)
     _checks.check_positive_int("num_samples", num_samples)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
-    as_perturbation(direction)
+    perturbation = as_perturbation(direction)
     _checks.check_float_params(params)
     f = estimators.as_objective(estimators.bind(fun, *args, **kwargs))
     base = f.value(params)
@@ -139,8 +137,8 @@ def zo_trace(fun, key, params, *args, delta, num_samples: int, chunk_size: int |
     def make_evaluate(weighting):
         return estimators._perturbed_evaluation(f, params, steps, weighting, chunked=True)
 
-    return _trace_samples(make_evaluate, second_differences, key,
-                          params, direction, num_samples, chunk_size)
+    return _trace_samples(make_evaluate, second_differences, key, params, perturbation,
+                          num_samples, chunk_size)
 
 
 def hessian_top_eigenvalue(fun, key, params, *args, num_iters: int = 100, **kwargs):

@@ -214,7 +214,7 @@ PERTURBATIONS: dict[str, Perturbation] = {name: stateless(fn) for name, fn in SA
 
 def get_sampler(direction: str | Sampler) -> Sampler:
     """Returns the sampler named ``direction``, or ``direction`` itself when it is callable."""
-    if callable(direction) and not isinstance(direction, Perturbation):
+    if callable(direction):
         return direction
     if isinstance(direction, str) and direction in SAMPLERS:
         return SAMPLERS[direction]
