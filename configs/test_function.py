@@ -37,12 +37,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.zo.direction = "gaussian"  # u ~ N(0, I) (see zojax.directions for the others).
     config.zo.scheme = "central"  # (f(x+λu) − f(x−λu))/(2λ); "forward": (f(x+λu) − f(x))/λ.
     config.zo.seed = (0,)  # seed of the directions.
+    # Directions evaluated per batch (None: all q at once; 1: the low-memory mode, one
+    # perturbed copy of x at a time).
+    config.zo.chunk_size = ml_collections.config_dict.placeholder(int)
 
     config.forward_grad = ml_collections.ConfigDict()  # "ZO with λ → 0": (uᵀ∇h) u by jvp.
     config.forward_grad.learning_rate = (0.001,)  # η.
     config.forward_grad.num_directions = 1  # q directions (jvps) per step.
     config.forward_grad.direction = "gaussian"  # as config.zo.direction.
     config.forward_grad.seed = (0,)  # seed of the directions.
+    config.forward_grad.chunk_size = ml_collections.config_dict.placeholder(int)  # as zo's.
 
     # Schedule.
     config.num_steps = 100_000  # iterations of every run.

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the runner: array state (typed PRNG keys as key data) plus JSON progress.
+"""Orbax checkpoints of the runner: named array pytrees (typed PRNG keys as key data) plus JSON
+progress.
 
 orbax is imported on first use, so commands that never checkpoint do not pay for it.
 """
@@ -26,11 +27,12 @@ def from_savable(template, tree):
 
 
 class Checkpointer:
-    """Saves and restores ``(state, progress)`` pairs under ``directory/<step>/``.
+    """Saves and restores named pytrees of arrays plus JSON progress under ``directory/<step>/``.
 
-    ``state`` is a pytree of arrays (restored into the structure of a template), ``progress`` a
-    JSON-serializable dict. Saves are asynchronous; orbax writes each step to a temporary
-    directory and renames it when complete, so an interrupted save never replaces the last good
+    Each item (``items[name]``, a pytree of arrays) is its own orbax item, so one can be read
+    alone; restored into the structure of a template, or without one as plain nested dicts and
+    lists of arrays. Saves are asynchronous; orbax writes each step to a temporary directory
+    and renames it when complete, so an interrupted save never replaces the last good
     checkpoint.
     """
 
@@ -38,6 +40,7 @@ class Checkpointer:
         import orbax.checkpoint as ocp  # lazy: ~0.4 s
 
         self._ocp = ocp
+        self.directory = pathlib.Path(directory)
         self._manager = ocp.CheckpointManager(
             pathlib.Path(directory).absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
@@ -45,16 +48,28 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, progress: dict) -> None:
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, items: dict, progress: dict) -> None:
         args = self._ocp.args
         self._manager.save(step, args=args.Composite(
-            state=args.StandardSave(to_savable(state)), progress=args.JsonSave(progress)))
+            progress=args.JsonSave(progress),
+            **{name: args.StandardSave(to_savable(tree)) for name, tree in items.items()}))
 
-    def restore(self, step: int, template) -> tuple[object, dict]:
+    def progress(self, step: int) -> dict:
         args = self._ocp.args
-        restored = self._manager.restore(step, args=args.Composite(
-            state=args.StandardRestore(to_savable(template)), progress=args.JsonRestore()))
-        return from_savable(template, restored["state"]), restored["progress"]
+        return self._manager.restore(step, args=args.Composite(
+            progress=args.JsonRestore()))["progress"]
+
+    def restore(self, step: int, templates: dict) -> dict:
+        """``{name: tree}`` for the items named in ``templates`` (a template, or None)."""
+        args = self._ocp.args
+        restored = self._manager.restore(step, args=args.Composite(**{
+            name: args.StandardRestore(None if t is None else to_savable(t))
+            for name, t in templates.items()}))
+        return {name: restored[name] if t is None else from_savable(t, restored[name])
+                for name, t in templates.items()}
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager."""

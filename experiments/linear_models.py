@@ -83,6 +83,16 @@ def load_dataset(name: str, config) -> zojax.datasets.LibsvmData:
         raise DataNotFoundError(str(error)) from None
 
 
+def problem_data(data: zojax.datasets.LibsvmData, seed: int, config) -> tuple[tuple, jax.Array]:
+    """``((train_features, train_labels, test_features, test_labels), w0)`` of one seed: the seed
+    fixes the projection and the starting point (and the ZO directions)."""
+    projection_key, init_key = jax.random.split(jax.random.key(seed))
+    train, test = linear.random_features(projection_key, data.train_inputs, data.test_inputs,
+                                         num_features=config.num_features)
+    arrays = (train, jnp.asarray(data.train_labels), test, jnp.asarray(data.test_labels))
+    return arrays, linear.init_params(init_key, train.shape[1], config.init_scale)
+
+
 def _check_config(config) -> None:
     """ConfigError naming the field for a bad value (before any data is loaded)."""
     runner.validate(config, runner.POSITIVE_FIELDS
@@ -106,20 +116,16 @@ def get_experiment(config) -> runner.Experiment:
               for name in sorted(names, key=lambda name: name.startswith(SYNTHETIC))}
     members = []
     for dataset, seed in itertools.product(names, seeds):
-        data = loaded[dataset]
-        projection_key, init_key = jax.random.split(jax.random.key(seed))
-        train, test = linear.random_features(projection_key, data.train_inputs, data.test_inputs,
-                                             num_features=config.num_features)
-        arrays = (train, jnp.asarray(data.train_labels), test, jnp.asarray(data.test_labels))
-        params = linear.init_params(init_key, train.shape[1], config.init_scale)
+        arrays, params = problem_data(loaded[dataset], seed, config)
         for loss in runner.as_tuple(config.losses):
             entry = registry_name(config, loss)
             problem = runner.Problem(OBJECTIVES[entry], METRICS[entry], params, arrays, {
                 "hessian_trace": _reference(entry, config.reference_chunk_size)})
             for method in runner.as_tuple(config.methods):
-                fields = {"dataset": dataset, "loss": loss, **config[loss][method], "seed": seed}
+                fields = {**config[loss][method], "seed": seed}
                 name = f"{dataset}/{loss}/{method}" + (f"/seed={seed}" if len(seeds) > 1 else "")
-                members += runner.sweep(method, fields, problem, name=name)
+                members += runner.sweep(method, fields, problem, name=name,
+                                        labels={"dataset": dataset, "loss": loss})
     return runner.Experiment(NAME, members, plot=plot, summary=summary)
 
 

@@ -27,8 +27,10 @@
 #     --config.data_dir=../shared/data --workdir /tmp/zojax/linear_models
 # ```
 #
-# A missing workdir is reported and its part skipped. Each problem is rebuilt from the config
-# stored in `results.json`, so nothing else is needed. Run it as a script from the repository
+# A missing workdir is reported and its part skipped. The notebook reads `results.json` and the
+# final params of each run (`runner.load_member`); Figure 2's train features are regenerated
+# from the config stored in `results.json` (its dataset files are read again), so nothing else
+# is needed. Run it as a script from the repository
 # (`python notebooks/flatness_analysis.py`) or open it as a notebook
 # (`jupytext --to ipynb notebooks/flatness_analysis.py`). With the full Figure-2 run, the exact
 # trace (10,001 Hessian-vector products per run) takes a few minutes on a 2-core CPU.
@@ -157,34 +159,43 @@ def trace_estimates(loss, closed_form, chunk_size, num_samples):
     return estimate
 
 
-def fig1_objective(member, config):
+def fig1_objective(run, config):
     """Figure 1: h and its closed-form trace ‖y‖² + ‖z‖², no data."""
     problem = zojax.problems.test_function
     return problem.loss, problem.hessian_trace, (), None
 
 
-def fig2_objective(member, config):
-    """Figure 2: the train loss and its closed-form trace, on the library's affine feature map
-    (rebuilt in float64, row norms included)."""
-    loss = linear_models.LOSSES[linear_models.registry_name(config, member.hparams["loss"])]
-    train, labels = member.problem.data[:2]
+@functools.cache
+def fig2_train_data(dataset, seed, config_json):
+    """Figure 2's train features of (dataset, seed), as the experiment made them, in float64."""
+    config = ml_collections.ConfigDict(json.loads(config_json))
+    (train, labels, _, _), _ = linear_models.problem_data(
+        linear_models.load_dataset(dataset, config), seed, config)
     features = linear.AffineFeatures.create(*to64((train.inputs, train.projection, train.mean,
                                                    train.scale)))
-    return loss.loss, loss.hessian_trace, (features, to64(labels)), config.reference_chunk_size
+    return features, to64(labels)
 
 
-def compare(workdir, results, module, objective):
-    """Rebuilds the experiment, restores the last checkpoint, prints the table; returns rows."""
+def fig2_objective(run, config):
+    """Figure 2: the train loss and its closed-form trace, on the library's affine feature map
+    (rebuilt in float64, row norms included)."""
+    hparams = run["hparams"]
+    loss = linear_models.LOSSES[linear_models.registry_name(config, hparams["loss"])]
+    args = fig2_train_data(hparams["dataset"], hparams["seed"], json.dumps(config.to_dict()))
+    return loss.loss, loss.hessian_trace, args, config.reference_chunk_size
+
+
+def compare(workdir, results, objective):
+    """Restores every run's last checkpoint, prints the table; returns the rows."""
     config = ml_collections.ConfigDict(results["config"])
-    experiment = module.get_experiment(config)
-    params = runner.load_params(experiment, config, workdir)
     num_samples = NUM_SAMPLES[results["experiment"]]
     rows, loss_error, trace_error = [], 0.0, 0.0
-    for index, (member, run) in enumerate(zip(experiment.members, results["runs"])):
-        loss, closed_form, args, chunk_size = objective(member, config)
+    for index, run in enumerate(results["runs"]):
+        loss, closed_form, args, chunk_size = objective(run, config)
         estimate = trace_estimates(loss, closed_form, chunk_size, num_samples)
-        values = jax.device_get(estimate(to64(params[member.name]), jax.random.key(index), *args))
-        rows.append({"run": member.name, **values})
+        params = to64(runner.load_member(workdir, run["name"]))
+        values = jax.device_get(estimate(params, jax.random.key(index), *args))
+        rows.append({"run": run["name"], **values})
         recorded = {k: v[-1] for k, v in run["metrics"].items()}
         if recorded["loss"] is not None:  # null: the run diverged (its last good params)
             loss_error = max(loss_error, abs(values["loss"] - recorded["loss"]))
@@ -204,13 +215,13 @@ def compare(workdir, results, module, objective):
     print(f"closed form vs hessian_trace: max relative difference {exact:.1e}. Restored params vs "
           f"results.json (float32): loss within {loss_error:.1e}, trace within "
           f"{trace_error:.1e} (relative).\n")
-    return experiment, rows
+    return rows
 
 
 if fig1:
-    compare(*fig1, test_function, fig1_objective)
+    compare(*fig1, fig1_objective)
 if fig2:
-    fig2_experiment, fig2_table = compare(*fig2, linear_models, fig2_objective)
+    fig2_table = compare(*fig2, fig2_objective)
 
 # %% [markdown]
 # ## Caveat: on Figure 2, ZO's lower trace costs training loss
@@ -227,12 +238,12 @@ if fig2:
 
 # %%
 if fig2:
-    members = {member.name: member for member in fig2_experiment.members}
+    fig2_config = ml_collections.ConfigDict(fig2[1]["config"])
     panels = {}
     for run in fig2[1]["runs"]:
         panels.setdefault((run["hparams"]["dataset"], run["hparams"]["loss"]), []).append(run)
     for (dataset, loss), runs in panels.items():
-        features = members[runs[0]["name"]].problem.data[0]
+        features, _ = fig2_objective(runs[0], fig2_config)[2]
         zo = [run for run in runs if run["method"] == "zo"]
         lam = zo[0]["hparams"]["smoothing"] if zo else 0.0
         print(f"{dataset}, {loss}: D = {features.shape[1]} parameters, rank X ≤ d + 1 = "

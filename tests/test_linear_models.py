@@ -51,7 +51,7 @@ def test_smoke_results_schema_and_plot(smoke):
     assert steps[0] == 0 and steps[-1] == config.num_steps
     for run in results["runs"]:
         assert set(run) == {"name", "method", "hparams", "steps", "metrics", "num_queries",
-                            "wall_seconds"}
+                            "wall_seconds", "compile_seconds"}
         dataset, loss, method = run["name"].split("/")
         assert run["method"] == method
         assert run["hparams"]["dataset"] == dataset and run["hparams"]["loss"] == loss
