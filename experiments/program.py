@@ -281,7 +281,7 @@ def check_batch(problem: Problem, members: Sequence[Member]) -> None:
                                problem.init_params, batch)
         if jnp.shape(value) != ():
             raise ValueError(f"the loss returned shape {jnp.shape(value)}, not a scalar")
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # any failure to trace it (shape errors of jnp, flax, ...)
         shapes = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", batch)
         data = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape")
                             else type(x).__name__, problem.data)

@@ -176,6 +176,9 @@ def restore_member(workdir, name: str, step: int | None = None, *, with_state: b
     directory = pathlib.Path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir}.")
+    saved = pathlib.Path(workdir) / "config.json"
+    if saved.exists() and json.loads(saved.read_text()).get("version") != VERSION:
+        raise _old_workdir(workdir)
     checkpoints = checkpointer(workdir)
     try:
         step = checkpoints.latest_step() if step is None else step
