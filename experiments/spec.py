@@ -322,6 +322,9 @@ def validate(config, positive: Sequence[str] = POSITIVE_FIELDS) -> None:
         if name in SEED_FIELDS and not all(isinstance(s, int) and not isinstance(s, bool)
                                            and s >= 0 for s in as_tuple(value)):
             raise ConfigError(f"config.{path} must be non-negative integers, got {value!r}.")
+    for name in ("metrics_batch", "evals_per_chunk", "num_steps"):
+        if not isinstance(config.get(name, 1), int) or isinstance(config.get(name, 1), bool):
+            raise ConfigError(f"config.{name} must be a positive int, got {config[name]!r}.")
     if config.get("log_evals", 0) < 0:
         raise ConfigError(f"config.log_evals must be >= 0, got {config.log_evals!r}.")
     if config.get("batch_members", "vmap") not in BATCHING:

@@ -103,6 +103,32 @@ def test_command_line_errors(tmp_path, cli_env):
     assert "Traceback" not in bad.stderr and not (tmp_path / "config.json").exists()
 
 
+def test_low_memory_mode_from_the_command_line(tmp_path, cli_env):
+    """``--config.zo.chunk_size=1``: one perturbed copy at a time, the same final traces."""
+    low = cli("--workdir", str(tmp_path / "low"), "--config.zo.chunk_size=1", env=cli_env)
+    assert low.returncode == 0, low.stderr
+    runs = strict_json(tmp_path / "low" / "results.json")["runs"]
+    config = test_function_config.get_config("smoke")
+    experiment = dataclasses.replace(test_function.get_experiment(config), plot=None)
+    default = runner.run(experiment, config, tmp_path / "default")["runs"]
+    for run, expected in zip(runs, default):
+        assert run["hparams"].get("chunk_size") == (1 if run["method"] == "zo" else None)
+        assert "chunk_size" not in expected["hparams"]  # None: the method's default, not recorded
+        np.testing.assert_allclose(run["metrics"]["hessian_trace"][-1],
+                                   expected["metrics"]["hessian_trace"][-1], rtol=1e-3)
+
+
+def test_a_workdir_of_an_older_runner_is_an_error_without_traceback(tmp_path, cli_env):
+    config = test_function_config.get_config("smoke")
+    (tmp_path / "checkpoints" / "7").mkdir(parents=True)  # per-group checkpoints, no version
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "test_function",
+                                                      "config": config.to_dict()}))
+    old = cli("--workdir", str(tmp_path), env=cli_env)
+    assert old.returncode == 1
+    assert "written by an older version" in old.stderr and "--overwrite" in old.stderr
+    assert "Traceback" not in old.stderr
+
+
 def test_diverging_members_fail_the_command_then_overwrite(tmp_path, cli_env):
     # A learning rate traced like the smoke run's: its cached program, only the values differ.
     result = cli("--workdir", str(tmp_path), "--config.zo.learning_rate=1e4", env=cli_env)
