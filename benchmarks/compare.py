@@ -1,5 +1,6 @@
-"""Side-by-side timing of two zojax trees (issues 9 and 10): the lines of ``benchmarks.core`` and
-of ``benchmarks.experiments``, shortened, old and new alternating, per-round new/old ratios.
+"""Side-by-side timing of two zojax trees, old and new alternating, per-round new/old ratios.
+
+Issues 9 and 10: the lines of ``benchmarks.core`` and of ``benchmarks.experiments``, shortened.
 
 Run from the repository root (the new tree)::
 
