@@ -21,84 +21,39 @@ Sections:
 
 Timings interleave baseline and candidate (warm-up first, ``block_until_ready``) and report the
 median over rounds of the per-round ratio, which is robust to load drifting during the run.
+The timing helpers are :mod:`benchmarks.harness`, the problems :mod:`benchmarks.workloads`.
 """
 
 import argparse
-import math
 import os
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import zojax
-from zojax.problems.linear import (
-    logistic_hessian_trace,
-    logistic_loss,
-    random_features,
+from benchmarks.harness import (
+    compiled_bytes,
+    interleaved,
+    ms,
+    ratio,
+    ready,
+    table,
+    time_once,
+    verdict,
 )
-
-SMOOTHING, LEARNING_RATE = 1e-3, 0.1
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
-
-
-def _ready(x):
-    return jax.block_until_ready(x)
-
-
-def interleaved(candidates, rounds):
-    """Times ``{name: (fn, args)}`` round-robin; returns {name: array of seconds per round}."""
-    for fn, args in candidates.values():  # compile and warm up
-        _ready(fn(*args))
-        _ready(fn(*args))
-    times = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, (fn, args) in candidates.items():
-            start = time.perf_counter()
-            _ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: np.asarray(t) for name, t in times.items()}
-
-
-def ratio(times, name, base="baseline"):
-    """Median over rounds of time[name] / time[base] (the pair ran back to back)."""
-    return float(np.median(times[name] / times[base]))
-
-
-def ms(seconds):
-    return f"{1e3 * float(np.median(seconds)):8.2f}"
-
-
-def verdict(ok):
-    return "PASS" if ok else "FAIL"
-
-
-def table(header, rows):
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = "  ".join(f"{h:>{w}}" for h, w in zip(header, widths))
-    print(line)
-    print("-" * len(line))
-    for row in rows:
-        print("  ".join(f"{str(x):>{w}}" for x, w in zip(row, widths)))
-    print()
-
-
-def zo_step_fn(loss, num_directions, **two_point_kwargs):
-    """A jitted ``params, state -> params, state`` step of chain(two_point, sgd) and its state."""
-    opt = optax.chain(zojax.two_point(SMOOTHING, num_directions, **two_point_kwargs),
-                      optax.sgd(LEARNING_RATE))
-
-    def step(params, state):
-        updates, state = opt.update(None, state, params, value_fn=loss)
-        return optax.apply_updates(params, updates), state
-
-    return jax.jit(step), opt.init
+from benchmarks.workloads import (
+    LEARNING_RATE,
+    SMOOTHING,
+    linear_problem,
+    mlp_init,
+    mlp_loss,
+    mlp_zo_step,
+    zo_step_fn,
+)
+from zojax.problems.linear import logistic_hessian_trace, logistic_loss
 
 
 def jax_random_normal(key, params):
@@ -107,20 +62,6 @@ def jax_random_normal(key, params):
     keys = jax.random.split(key, len(leaves))
     return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype)
                               for k, x in zip(keys, leaves)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Problems
-
-
-def linear_problem(num_features):
-    """Synthetic a5a (N = 6,414 train rows) through ``num_features`` random features."""
-    data = zojax.datasets.synthetic_libsvm(0, like="a5a")
-    features, _ = random_features(jax.random.key(0), data.train_inputs,
-                                  num_features=num_features)
-    labels = jnp.asarray(data.train_labels)
-    params = 0.1 * jax.random.normal(jax.random.key(1), (num_features + 1,), jnp.float32)
-    return features, labels, params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +75,7 @@ def section_step_overhead(quick):
     print("=" * 96)
     num_features = 2_000 if quick else 10_000
     features, labels, w = linear_problem(num_features)
-    dense = _ready(features.dense())
+    dense = ready(features.dense())
     dim = w.size
     qs = (1, 8) if quick else (1, 8, 64)
     print(f"logistic regression, N = {dense.shape[0]}, D = {dim}; λ = {SMOOTHING}, central "
@@ -225,7 +166,7 @@ def section_affine_vs_dense(quick):
     print("2. One loss evaluation with the affine map vs the dense N x D product X·w")
     print("=" * 96)
     features, labels, w = linear_problem(2_000 if quick else 10_000)
-    dense = _ready(features.dense())
+    dense = ready(features.dense())
     affine_loss = jax.jit(lambda p: logistic_loss(p, features, labels))
     product = jax.jit(lambda x, p: jnp.matmul(x, p, precision=jax.lax.Precision.HIGHEST))
     times = interleaved({"baseline": (product, (dense, w)), "affine": (affine_loss, (w,))},
@@ -241,12 +182,6 @@ def section_affine_vs_dense(quick):
 # 3. Exact Hessian trace
 
 
-def _time_once(fn, *args):
-    start = time.perf_counter()
-    out = _ready(fn(*args))
-    return time.perf_counter() - start, out
-
-
 def section_trace(quick):
     print("=" * 96)
     print("3. Exact Hessian trace (zojax.hessian_trace) of the logistic loss")
@@ -260,8 +195,8 @@ def section_trace(quick):
     for chunk in (default,) if quick else (128, 256, 512, 1024, 2048):
         trace = jax.jit(lambda p, c=chunk: zojax.hessian_trace(logistic_loss, p, features,
                                                                labels, chunk_size=c))
-        first, value = _time_once(trace, w)
-        second, _ = _time_once(trace, w)
+        first, value = time_once(trace, w)
+        second, _ = time_once(trace, w)
         rel = abs(float(value) - exact) / exact
         rows.append((w.size, chunk, f"{first:.2f}", f"{second:.2f}", f"{rel:.1e}"))
     print(f"affine map, closed form {exact:.4f} (default chunk_size = {default}):")
@@ -269,7 +204,7 @@ def section_trace(quick):
 
     dim = 500 if quick else 2_000
     features, labels, w = linear_problem(dim - 1)
-    dense = _ready(features.dense())
+    dense = ready(features.dense())
     reference = jax.jit(lambda p: jnp.trace(jax.hessian(logistic_loss)(p, dense, labels)))
     candidates = {"baseline": (reference, (w,))}
     chunks = (default,) if quick else (128, 256, 512, 1024, dim)
@@ -291,34 +226,6 @@ def section_trace(quick):
 
 # ---------------------------------------------------------------------------------------------
 # 4. Memory
-
-
-def mlp_init(key, sizes):
-    params = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        key, sub = jax.random.split(key)
-        params[f"layer{i:02d}"] = {
-            "w": jax.random.normal(sub, (fan_in, fan_out)) / math.sqrt(fan_in),
-            "b": jnp.zeros(fan_out)}
-    return params
-
-
-def mlp_loss(params, inputs, labels):
-    hidden = inputs
-    layers = sorted(params)
-    for i, name in enumerate(layers):
-        hidden = hidden @ params[name]["w"] + params[name]["b"]
-        if i < len(layers) - 1:
-            hidden = jax.nn.relu(hidden)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(hidden, labels))
-
-
-def compiled_bytes(fn, *args, donate=False):
-    """argument + output + temp − alias bytes of the compiled program."""
-    jitted = jax.jit(fn, donate_argnums=0) if donate else jax.jit(fn)
-    stats = jitted.lower(*args).compile().memory_analysis()
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
 def section_memory(quick):
@@ -349,15 +256,8 @@ def section_memory(quick):
                                       donate=True)
             zo = []
             for q in qs:
-                opt = optax.chain(zojax.two_point(SMOOTHING, q, chunk_size=1),
-                                  optax.sgd(LEARNING_RATE))
-
-                def zo_step(p, state, x, y, opt=opt):
-                    updates, state = opt.update(None, state, p,
-                                                value_fn=lambda p: mlp_loss(p, x, y))
-                    return optax.apply_updates(p, updates), state
-
-                zo.append(compiled_bytes(zo_step, params, opt.init(params), inputs, labels,
+                step, init = mlp_zo_step(q, chunk_size=1)
+                zo.append(compiled_bytes(step, params, init(params), inputs, labels,
                                          donate=True))
             excess = [(z - forward) / param_bytes for z in zo]
             spread = max(zo) / min(zo) - 1
