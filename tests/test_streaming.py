@@ -56,7 +56,8 @@ def digits():
     return x[:1500], y[:1500], x[1500:], y[1500:]
 
 
-def digits_problem(digits, batch_fn=None, module=MLP()):
+def digits_problem(digits, batch_fn=None, module=None):
+    module = module or MLP()
     train_x, train_y, test_x, test_y = digits
     params = module.init(jax.random.key(0), train_x[:1])
     return runner.Problem(
