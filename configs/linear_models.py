@@ -85,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_evals = 30  # ...plus this many log-spaced steps, for the log x-axis (0: none).
     config.evals_per_chunk = 100  # at most this many evaluations per compiled chunk (progress bar).
     config.checkpoint_every = 5  # chunks between checkpoints (the last chunk always saves).
+    # Evaluations whose metrics are computed together (vmapped over their stored w): one pass
+    # over the train and test matrices for all of them. Memory: this many copies of w.
+    config.metrics_batch = 100
     # PRNG of the directions (a jax.random key implementation, e.g. "threefry2x32"). The
     # README's Figure-2 numbers come from philox4x32; threefry2x32 runs as fast here and gives a
     # different but equally valid random stream.
