@@ -300,6 +300,7 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
         raise ConfigError(f"an experiment needs members with distinct names, got {names}.")
     metrics_batch = config.get("metrics_batch", 1) if config is not None else 1
     groups: dict[tuple, Group] = {}
+    problems: dict[int, tuple] = {}  # id -> (arrays, static parts), split and checked once
     for index, member in enumerate(experiment.members):
         if member.method not in experiment.methods:
             raise ConfigError(f"member {member.name!r}: unknown method {member.method!r}; "
@@ -314,18 +315,20 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
         traced = tuple(k for k in method.traced if k in member.hparams)
         static = tuple(sorted((k, v) for k, v in member.hparams.items() if k not in traced))
         problem = member.problem
-        data, data_def = split(tuple(problem.data))
-        eval_data, eval_def = (None, None) if problem.eval_data is None else split(
-            tuple(problem.eval_data))
-        batch, batch_def = (None, None) if problem.batch_fn is None else split(
-            problem.batch_fn)
+        if id(problem) not in problems:
+            check_batch(problem, [m for m in experiment.members if m.problem is problem])
+            parts = [(None, None) if tree is None else split(tree) for tree in (
+                tuple(problem.data), problem.eval_data and tuple(problem.eval_data),
+                problem.batch_fn)]
+            problems[id(problem)] = (Arrays(*(arrays for arrays, _ in parts)),
+                                     [static for _, static in parts])
+        arrays, (data_def, eval_def, batch_def) = problems[id(problem)]
         program = Program(method, problem.loss, problem.metrics, static, rng_impl, data_def,
                           eval_def, batch_def, problem.extra_args)
         key = (id(problem), program, traced, member.num_steps,
                member.name if batching == "separate" else None)
         if key not in groups:
-            check_batch(problem, [m for m in experiment.members if m.problem is problem])
-            groups[key] = Group(program, problem, [], [], {}, Arrays(data, eval_data, batch))
+            groups[key] = Group(program, problem, [], [], {}, arrays)
         groups[key].members.append(member)
         groups[key].indices.append(index)
     for (_, _, traced, num_steps, _), group in groups.items():
