@@ -29,7 +29,8 @@ commands keep their meaning and duration; ``experiments``; ``all``: both):
   command with a cold cache and its compute; the 16-member λ/η sweep (300 steps, D = 10,001) in
   a worker (``--worker sweep``, through ``experiments.linear_models.get_experiment`` and
   ``experiments.runner.run`` only): the vmapped program's ``wall_seconds``, the sum over 16
-  sequential single-member runs, and their ratio. About 2-3 min a round on 2 cores.
+  sequential single-member runs (each the best of 3 repeats in the worker), and their ratio.
+  About 2-3 min a round on 2 cores.
 
 A round runs every part on both trees, in alternating order (old, new, then new, old, ...).
 Both trees are byte-compiled first (a fresh worktree would pay for it). PASS: median of the
