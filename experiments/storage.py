@@ -2,8 +2,8 @@
 results.json, plots and the printed summary.
 
 A workdir holds ``config.json`` (``{"version", "experiment", "config"}``), ``checkpoints/<step>/``
-(orbax; per member ``i`` an item ``params_<i>`` (``{"params"}``) and an item ``opt_state_<i>``
-(``{"opt_state", "failed"}``), plus a JSON
+(orbax; an item ``params`` ``{"<i>": params of member i}``, an item ``opt_state``
+``{"<i>": {"opt_state", "failed"}}`` and a JSON
 ``progress`` item with every member's name, evaluations done, timings and metrics so far),
 ``results.json`` once finished, and the plots. Members are stored one by one, whatever the
 programs that ran them, so :func:`load_member` reads one without the experiment or its config.
@@ -114,10 +114,9 @@ def save(checkpoints, step: int, states: Sequence[TrainState], records: Sequence
     A record is ``{"name", "evaluations", "wall_seconds", "compile_seconds",
     "metrics": {name: [float]}, "num_queries": [int]}`` (JSON: NaN as null).
     """
-    items = {}
-    for i, state in enumerate(states):
-        items[f"params_{i}"] = {"params": state.params}
-        items[f"opt_state_{i}"] = {"opt_state": state.opt_state, "failed": state.failed}
+    items = {"params": {str(i): state.params for i, state in enumerate(states)},
+             "opt_state": {str(i): {"opt_state": state.opt_state, "failed": state.failed}
+                           for i, state in enumerate(states)}}
     checkpoints.save(step, items, jsonable({"version": VERSION, "step": step,
                                             "members": list(records)}))
 
@@ -128,13 +127,12 @@ def restore(checkpoints, step: int, templates: Sequence[TrainState]
     progress = checkpoints.progress(step)
     if progress.get("version") != VERSION:
         raise _old_workdir(checkpoints.directory.parent)
-    names = {}
-    for i, t in enumerate(templates):
-        names[f"params_{i}"] = {"params": t.params}
-        names[f"opt_state_{i}"] = {"opt_state": t.opt_state, "failed": t.failed}
-    items = checkpoints.restore(step, names)
-    states = [TrainState(items[f"params_{i}"]["params"], items[f"opt_state_{i}"]["opt_state"],
-                         items[f"opt_state_{i}"]["failed"]) for i in range(len(templates))]
+    items = checkpoints.restore(step, {
+        "params": {str(i): t.params for i, t in enumerate(templates)},
+        "opt_state": {str(i): {"opt_state": t.opt_state, "failed": t.failed}
+                      for i, t in enumerate(templates)}})
+    states = [TrainState(items["params"][str(i)], items["opt_state"][str(i)]["opt_state"],
+                         items["opt_state"][str(i)]["failed"]) for i in range(len(templates))]
     records = progress["members"]
     for record in records:
         record["metrics"] = {k: [math.nan if v is None else v for v in values]
@@ -190,14 +188,13 @@ def restore_member(workdir, name: str, step: int | None = None, *, with_state: b
         names = [record["name"] for record in progress["members"]]
         if name not in names:
             raise KeyError(f"no member {name!r} in {workdir}; its members: {names}.")
-        i = names.index(name)
-        items = checkpoints.restore(step, {
-            f"params_{i}": None if template is None else {"params": template}} | (
-            {f"opt_state_{i}": None} if with_state else {}))
+        i = str(names.index(name))
+        items = checkpoints.restore(step, {"params": {i: template}} | (
+            {"opt_state": {i: None}} if with_state else {}), partial=True)
     finally:
         checkpoints.close()
-    params = items[f"params_{i}"]["params"]
-    return (params, items[f"opt_state_{i}"]["opt_state"]) if with_state else params
+    params = items["params"][i]
+    return (params, items["opt_state"][i]["opt_state"]) if with_state else params
 
 
 def member_records(groups: list, num_members: int) -> list[dict]:
