@@ -266,7 +266,8 @@ class Group:
         return self.done == len(self.steps)
 
 
-def where(problem: Problem, members: Sequence[Member]) -> str:
+def describe(problem: Problem, members: Sequence[Member]) -> str:
+    """How error messages name a problem."""
     return (f"problem {problem.name!r}" if problem.name
             else f"the problem of {[m.name for m in members]}")
 
@@ -285,7 +286,7 @@ def check_batch(problem: Problem, members: Sequence[Member]) -> None:
         shapes = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", batch)
         data = jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape")
                             else type(x).__name__, problem.data)
-        raise ConfigError(f"{where(problem, members)}: loss(params, batch, *data) fails on the "
+        raise ConfigError(f"{describe(problem, members)}: loss(params, batch, *data) fails on the "
                           f"batches of its batch_fn, shaped {shapes} (data {data}): "
                           f"{error}") from None
 
