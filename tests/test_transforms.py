@@ -23,10 +23,17 @@ REGISTRY = {
     "two_point_stateful": (zojax.two_point, dict(smoothing=0.01, num_directions=3,
                                                  direction=diagonal_perturbation())),
     "forward_gradient": (zojax.forward_gradient, dict(num_directions=2)),
+    "tilted": (zojax.tilted, dict(smoothing=0.01, tilt=1.0, num_directions=4)),
+    # Without antithetic pairs the estimate carries a mean-zero ū/(tλ) term: tλ ~ 1 keeps it small.
+    "tilted_sphere_one_sided_chunked": (zojax.tilted, dict(
+        smoothing=0.1, tilt=10.0, num_directions=8, direction="sphere", antithetic=False,
+        chunk_size=3)),
     "zo_sgd": (zojax.zo_sgd, dict(learning_rate=0.1, smoothing=0.01, num_directions=2)),
     "zo_adam": (zojax.zo_adam, dict(learning_rate=0.1, smoothing=0.01)),
     "zo_sign_sgd": (zojax.zo_sign_sgd, dict(learning_rate=0.1, smoothing=0.01)),
+    "zest": (zojax.zest, dict(learning_rate=0.1, smoothing=0.01, tilt=1.0, num_directions=4)),
 }
+ALIASES = ("zo_sgd", "zo_adam", "zo_sign_sgd", "zest")  # they take the step themselves
 ZEROTH_ORDER = [name for name in REGISTRY if name != "forward_gradient"]
 
 
@@ -69,7 +76,7 @@ def test_jit_init_update(name):
 @pytest.mark.parametrize("name", REGISTRY)
 def test_descends_in_scan(name):
     opt = _make(name)
-    if not name.startswith("zo_"):  # bare estimators return gradients: add the step
+    if name not in ALIASES:  # bare estimators return gradients: add the step
         opt = optax.chain(opt, optax.sgd(0.05))
     params = _params()
 

@@ -2,12 +2,20 @@
 
 from zojax import datasets, directions, estimators, problems, transforms, weightings
 from zojax.curvature import hessian_top_eigenvalue, hessian_trace, hutchinson_trace, zo_trace
-from zojax.estimators import forward_grad, zo_grad, zo_value_and_grad
+from zojax.estimators import (
+    forward_grad,
+    tilted_grad,
+    tilted_value,
+    zo_grad,
+    zo_value_and_grad,
+)
 from zojax.transforms import (
     TwoPointState,
     estimator_transform,
     forward_gradient,
+    tilted,
     two_point,
+    zest,
     zo_adam,
     zo_sgd,
     zo_sign_sgd,
@@ -28,8 +36,12 @@ __all__ = [
     "hutchinson_trace",
     "problems",
     "transforms",
+    "tilted",
+    "tilted_grad",
+    "tilted_value",
     "two_point",
     "weightings",
+    "zest",
     "zo_adam",
     "zo_grad",
     "zo_sgd",

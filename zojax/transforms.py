@@ -211,6 +211,46 @@ def forward_gradient(num_directions: int = 1, *,
                                name="forward_gradient")
 
 
+def tilted(smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
+           antithetic: bool = True, chunk_size: int | None = None,
+           seed=0) -> optax.GradientTransformationExtraArgs:
+    r"""The tilted (soft-SAM, ZEST) zeroth-order gradient estimate as an optax transformation.
+
+    :math:`\hat g = \frac{1}{t\lambda}\sum_{ik} \operatorname{softmax}_{ik}(t f_{ik})\, s_k u_i`
+    estimates :math:`\nabla L_t`, :math:`L_t(x) = \frac1t\log\mathbb{E}\,e^{t f(x+\lambda u)}`:
+    see :func:`zojax.tilted_grad` for the derivation, the small-tilt and existence caveats.
+    Same ``value_fn`` contract, :class:`TwoPointState` and non-finite policy as
+    :func:`two_point`; ``state.value`` is the mean of the evaluated losses.
+
+    Args:
+        smoothing: :math:`\lambda > 0`; numeric, may be injected/vmapped.
+        tilt: :math:`t > 0`; numeric, may be injected/vmapped.
+        num_directions: points evaluated per step (static; even with ``antithetic=True``: the
+            points of ``two_point(num_directions=num_directions // 2)``).
+        direction: ``"gaussian"`` or ``"sphere"`` (static).
+        antithetic: pairs :math:`\pm u` (static).
+        chunk_size: directions (pairs) evaluated at a time (static).
+        seed: int seed or typed PRNG key of the directions.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> opt = optax.chain(tilted(0.01, tilt=1.0, num_directions=4), optax.sgd(0.1))
+        >>> state = opt.init(jnp.ones(3))
+        >>> updates, state = opt.update(None, state, jnp.ones(3), value_fn=lambda p: jnp.sum(p**2))
+    """
+    estimators._validate_tilted(smoothing, tilt, num_directions, direction, antithetic,
+                                chunk_size)
+
+    def estimate(key, value_fn, params, perturbation_state, **extra_args):
+        del perturbation_state
+        return estimators.tilted_estimate(
+            value_fn, key, params, smoothing=smoothing, tilt=tilt,
+            num_directions=num_directions, direction=direction, antithetic=antithetic,
+            chunk_size=chunk_size, **extra_args)
+
+    return estimator_transform(estimate, seed, name="tilted")
+
+
 def _check_learning_rate(learning_rate) -> None:
     if not callable(learning_rate):  # schedules are checked by optax
         _checks.check_positive_finite("learning_rate", learning_rate)
@@ -256,3 +296,22 @@ def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, *,
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed),
         optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
+
+
+def zest(learning_rate, smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
+         antithetic: bool = True, chunk_size: int | None = None,
+         seed=0) -> optax.GradientTransformationExtraArgs:
+    """ZEST: ``chain(tilted(smoothing, tilt, num_directions, ...), sgd(learning_rate))``.
+
+    The keyword arguments are those of :func:`tilted`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> opt = zest(learning_rate=0.1, smoothing=0.01, tilt=1.0, num_directions=4)
+        >>> state = opt.init(jnp.ones(2))
+    """
+    _check_learning_rate(learning_rate)
+    return optax.chain(
+        tilted(smoothing, tilt, num_directions, direction=direction, antithetic=antithetic,
+               chunk_size=chunk_size, seed=seed),
+        optax.sgd(learning_rate))

@@ -12,6 +12,8 @@ is exact, a chunked, scanned or sharded estimate equals the unchunked one (up to
 - :func:`softmax`: :math:`\sum_{i,k} w_{ik}\, s_k u_i` with :math:`w = \operatorname{softmax}
   (t\, f_{ik})` over every value of every direction, through a running log-sum-exp (a tilted,
   soft-max objective's self-normalized estimate).
+- :func:`log_mean_exp`: :math:`\frac1t\log\frac1n\sum_i e^{t f_i}` and its standard error by
+  the delta method (a tilted objective's value).
 - :func:`mean_and_sem`: the mean and standard error of one scalar per direction (trace
   estimators), by Chan's parallel update of (count, mean, M₂).
 
@@ -85,7 +87,7 @@ class SoftmaxState(NamedTuple):
     """Accumulator of :func:`softmax`: sums scaled by ``exp(-max)``."""
 
     max: jax.Array  # scalar: the largest score t·f so far (-inf before any).
-    total: Any  # Σ exp(t f_ik − max) s_k u_i, the structure of params.
+    total: Any  # Σ_i (Σ_k s_k exp(t f_ik − max)) u_i, the structure of params.
     norm: jax.Array  # scalar: Σ exp(t f_ik − max).
 
 
@@ -98,7 +100,12 @@ def softmax(tilt, signs=(1.0, -1.0)) -> Weighting:
             at (``(1, -1)`` for the points :math:`x \pm \lambda u_i` of the central scheme).
 
     Chunks are merged through a running log-sum-exp, so the result does not depend on how the
-    directions are chunked or split; a larger tilt weights the largest values more.
+    directions are chunked or split; a larger tilt weights the largest values more. Each
+    direction's coefficient :math:`\sum_k s_k e^{a_{ik}}` (:math:`a = t f - \max`) is computed as
+    :math:`\sum_k s_k \operatorname{expm1}(a_{ik}) + \sum_k s_k`: with signs that sum to zero
+    (antithetic pairs) it is a difference of ``expm1``, free of the cancellation that
+    :math:`e^{a_+} - e^{a_-}` suffers when :math:`t \to 0` (both near 1), so the result divided by
+    :math:`t` keeps its relative precision for any small tilt.
     """
     signs = jnp.asarray(signs)
 
@@ -114,10 +121,12 @@ def softmax(tilt, signs=(1.0, -1.0)) -> Weighting:
     def add(acc, values, directions):
         scores = (tilt * values).astype(acc.norm.dtype)
         new_max = jnp.maximum(acc.max, jnp.max(scores))
-        weights = jnp.exp(scores - new_max)  # (n, k)
+        shifted = scores - new_max  # (n, k), <= 0
+        s = signs.astype(shifted.dtype)
+        coefficients = jnp.expm1(shifted) @ s + jnp.sum(s)
         total, norm = rescale(acc, new_max)
-        total = _backend.weighted_sum(weights @ signs.astype(weights.dtype), directions, total)
-        return SoftmaxState(new_max, total, norm + jnp.sum(weights))
+        total = _backend.weighted_sum(coefficients, directions, total)
+        return SoftmaxState(new_max, total, norm + jnp.sum(jnp.exp(shifted)))
 
     def combine(a, b):
         new_max = jnp.maximum(a.max, b.max)
@@ -126,6 +135,65 @@ def softmax(tilt, signs=(1.0, -1.0)) -> Weighting:
 
     def finalize(acc):
         return jax.tree.map(lambda total: total / acc.norm.astype(total.dtype), acc.total)
+
+    return Weighting(init, add, combine, finalize)
+
+
+class LogMeanExpState(NamedTuple):
+    """Accumulator of :func:`log_mean_exp`: moments of ``expm1(t f − max)``."""
+
+    max: jax.Array  # scalar: the largest score t·f so far (-inf before any).
+    count: jax.Array  # scalar: samples added (float).
+    mean: jax.Array  # scalar: mean of expm1(t f_i − max).
+    m2: jax.Array  # scalar: Σ (expm1(t f_i − max) − mean)².
+
+
+def log_mean_exp(tilt) -> Weighting:
+    r""":math:`\frac1t \log \frac1n \sum_i e^{t f_i}` of one value per direction, and its
+    standard error.
+
+    ``finalize`` returns ``(estimate, stderr)``; by the delta method
+    :math:`\operatorname{se} = \frac{s_Y}{t\,\bar Y\sqrt n}` with :math:`Y_i = e^{t f_i}` and
+    :math:`s_Y` their standard deviation (NaN for one sample). The moments are those of
+    :math:`\operatorname{expm1}(t f_i - \max)`, merged exactly when the max moves
+    (:math:`y' = \phi\,y + \operatorname{expm1}(\delta)`, :math:`\phi = e^{\delta}`), so
+    :math:`t \to 0` gives the mean of :math:`f` and its standard error without cancellation.
+    """
+
+    def init(params):
+        zero = jnp.zeros((), _scalar_dtype(params))
+        return LogMeanExpState(jnp.full((), -jnp.inf, zero.dtype), zero, zero, zero)
+
+    def shift(acc, new_max):
+        delta = jnp.where(jnp.isneginf(acc.max), 0.0, acc.max - new_max)
+        factor = jnp.exp(delta)
+        return acc._replace(max=new_max, mean=factor * acc.mean + jnp.expm1(delta),
+                            m2=jnp.square(factor) * acc.m2)
+
+    def combine(a, b):
+        new_max = jnp.maximum(a.max, b.max)
+        a, b = shift(a, new_max), shift(b, new_max)
+        count = a.count + b.count
+        share = jnp.where(count > 0, b.count / jnp.maximum(count, 1), 0.0)
+        delta = b.mean - a.mean
+        return LogMeanExpState(new_max, count, a.mean + delta * share,
+                               a.m2 + b.m2 + jnp.square(delta) * a.count * share)
+
+    def add(acc, values, directions):
+        del directions
+        scores = (tilt * values[:, 0]).astype(acc.mean.dtype)
+        chunk_max = jnp.max(scores)
+        y = jnp.expm1(scores - chunk_max)
+        chunk_mean = jnp.mean(y)
+        chunk = LogMeanExpState(chunk_max, jnp.asarray(y.shape[0], y.dtype), chunk_mean,
+                                jnp.sum(jnp.square(y - chunk_mean)))
+        return combine(acc, chunk)
+
+    def finalize(acc):
+        estimate = (acc.max + jnp.log1p(acc.mean)) / tilt
+        variance = acc.m2 / (acc.count - 1)
+        stderr = jnp.sqrt(variance / acc.count) / (tilt * (1 + acc.mean))
+        return estimate, jnp.where(acc.count > 1, stderr, jnp.nan)
 
     return Weighting(init, add, combine, finalize)
 
