@@ -4,6 +4,7 @@ Run from the repository root::
 
     python -m benchmarks.core           # full run (a few minutes on 2 CPU cores)
     python -m benchmarks.core --quick   # sanity run: smaller problems, fewer repeats
+    python -m benchmarks.core --sections 5   # one section
 
 Sections:
 
@@ -18,6 +19,9 @@ Sections:
    against ``jnp.trace(jax.hessian(f))``; a sweep of ``chunk_size``.
 4. Memory from the compiled programs' ``memory_analysis()`` (argument + output + temp − alias)
    on ~1M-parameter MLPs, params donated: forward, ``chunk_size=1`` ZO step and backprop step.
+5. The tilted (ZEST) step against the two-point step with the same function evaluations
+   (``tilted(num_directions=2q)`` vs ``two_point(num_directions=q)``), unchunked (logistic
+   regression, dense X and the affine map's line form) and chunked (``chunk_size=1``, MLP).
 
 Timings interleave baseline and candidate (warm-up first, ``block_until_ready``) and report the
 median over rounds of the per-round ratio, which is robust to load drifting during the run.
@@ -51,6 +55,7 @@ from benchmarks.workloads import (
     mlp_init,
     mlp_loss,
     mlp_zo_step,
+    step_fn,
     zo_step_fn,
 )
 from zojax.problems.linear import logistic_hessian_trace, logistic_loss
@@ -279,23 +284,76 @@ def section_memory(quick):
 
 
 # ---------------------------------------------------------------------------------------------
+# 5. Tilted vs two-point step
+
+TILT = 1.0
+
+
+def section_tilted(quick):
+    print("=" * 96)
+    print("5. tilted step (ZEST, num_directions=2q) vs two_point step (q): same evaluations")
+    print("=" * 96)
+    features, labels, w = linear_problem(2_000 if quick else 10_000)
+    dense = ready(features.dense())
+    q = 8
+    unchunked = {
+        f"logistic dense X, D = {w.size}": lambda p: logistic_loss(p, dense, labels),
+        "logistic affine map, line form": zojax.estimators.bind(logistic_loss, features, labels),
+    }
+    rows, ok = [], True
+    for name, loss in unchunked.items():
+        two_point, init = zo_step_fn(loss, q)
+        tilted, tilted_init = step_fn(loss, zojax.tilted(SMOOTHING, TILT, 2 * q))
+        times = interleaved({"baseline": (two_point, (w, init(w))),
+                             "tilted": (tilted, (w, tilted_init(w)))},
+                            rounds=5 if quick else 25)
+        r = ratio(times, "tilted")
+        ok &= r <= 1.1
+        rows.append((name, "None", q, ms(times["baseline"]), ms(times["tilted"]), f"{r:.3f}",
+                     verdict(r <= 1.1)))
+    sizes = [784, 1024, 256, 10]
+    params = mlp_init(jax.random.key(0), sizes)
+    inputs = jax.random.normal(jax.random.key(1), (64, sizes[0]))
+    targets = jax.random.randint(jax.random.key(2), (64,), 0, sizes[-1])
+    candidates = {}
+    for label, estimator in (("baseline", None),
+                             ("tilted", zojax.tilted(SMOOTHING, TILT, 2 * q, chunk_size=1))):
+        step, init = mlp_zo_step(q, chunk_size=1, estimator=estimator)
+        candidates[label] = (jax.jit(step), (params, init(params), inputs, targets))
+    times = interleaved(candidates, rounds=5 if quick else 25)
+    r = ratio(times, "tilted")
+    ok &= r <= 1.1
+    num = sum(x.size for x in jax.tree.leaves(params))
+    rows.append((f"MLP {num / 1e6:.2f}M params, batch 64", 1, q, ms(times["baseline"]),
+                 ms(times["tilted"]), f"{r:.3f}", verdict(r <= 1.1)))
+    table(("problem", "chunk_size", "q pairs", "two_point ms", "tilted ms", "ratio", "<= 1.1"),
+          rows)
+    print()
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small problems, few repeats")
+    parser.add_argument("--sections", default="12345", help="the sections to run, e.g. 5")
     args = parser.parse_args()
     start = time.perf_counter()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"zojax {zojax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
           f"{load:.1f}){', --quick' if args.quick else ''}\n")
-    results = {
-        "1. ZO step overhead (dense X)": section_step_overhead(args.quick),
-        "2. affine loss <= 1/10 dense product": section_affine_vs_dense(args.quick),
-        "3. exact trace": section_trace(args.quick),
-        "4. memory": section_memory(args.quick),
+    sections = {
+        "1. ZO step overhead (dense X)": section_step_overhead,
+        "2. affine loss <= 1/10 dense product": section_affine_vs_dense,
+        "3. exact trace": section_trace,
+        "4. memory": section_memory,
+        "5. tilted step <= 1.1 two_point step": section_tilted,
     }
+    results = {name: section(args.quick) for name, section in sections.items()
+               if name[0] in args.sections}
     print("=" * 96)
     for name, good in results.items():
         print(f"{verdict(good)}  {name}")

@@ -18,8 +18,12 @@ SMOOTHING, LEARNING_RATE = 1e-3, 0.1
 
 def zo_step_fn(loss, num_directions, **two_point_kwargs):
     """A jitted ``params, state -> params, state`` step of chain(two_point, sgd) and its state."""
-    opt = optax.chain(zojax.two_point(SMOOTHING, num_directions, **two_point_kwargs),
-                      optax.sgd(LEARNING_RATE))
+    return step_fn(loss, zojax.two_point(SMOOTHING, num_directions, **two_point_kwargs))
+
+
+def step_fn(loss, estimator):
+    """A jitted ``params, state -> params, state`` step of chain(estimator, sgd) and its state."""
+    opt = optax.chain(estimator, optax.sgd(LEARNING_RATE))
 
     def step(params, state):
         updates, state = opt.update(None, state, params, value_fn=loss)
@@ -60,12 +64,13 @@ def mlp_loss(params, inputs, labels):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(hidden, labels))
 
 
-def mlp_zo_step(num_directions, chunk_size=1):
+def mlp_zo_step(num_directions, chunk_size=1, estimator=None):
     """``step(params, state, inputs, labels) -> (params, state)`` of chain(two_point(λ, q,
-    chunk_size), sgd) on :func:`mlp_loss` (not jitted: donate params when compiling), and the
-    optimizer's ``init``."""
-    opt = optax.chain(zojax.two_point(SMOOTHING, num_directions, chunk_size=chunk_size),
-                      optax.sgd(LEARNING_RATE))
+    chunk_size), sgd) (or of chain(estimator, sgd)) on :func:`mlp_loss` (not jitted: donate
+    params when compiling), and the optimizer's ``init``."""
+    if estimator is None:
+        estimator = zojax.two_point(SMOOTHING, num_directions, chunk_size=chunk_size)
+    opt = optax.chain(estimator, optax.sgd(LEARNING_RATE))
 
     def step(params, state, inputs, labels):
         updates, state = opt.update(None, state, params,
