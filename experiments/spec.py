@@ -172,6 +172,13 @@ def _forward_grad(key, hparams):
     return optax.chain(estimate, optax.sgd(hparams["learning_rate"]))
 
 
+def _zest(key, hparams):
+    return zojax.zest(hparams["learning_rate"], hparams["smoothing"], hparams["tilt"],
+                      hparams["num_directions"], direction=hparams.get("direction", "gaussian"),
+                      antithetic=hparams.get("antithetic", True),
+                      chunk_size=hparams.get("chunk_size"), seed=key)
+
+
 METHODS: dict[str, Method] = {
     # Gradient descent: one gradient per step.
     "gd": Method(_gd, lambda hparams: 1, uses_gradient=True, fields=("learning_rate",)),
@@ -182,6 +189,11 @@ METHODS: dict[str, Method] = {
     "forward_grad": Method(_forward_grad, lambda hparams: hparams.get("num_directions", 1),
                            fields=("learning_rate", "num_directions", "direction",
                                    "chunk_size")),
+    # ZEST, the tilted estimator: num_directions evaluations per step (2k points: k ± pairs).
+    "zest": Method(_zest, lambda hparams: hparams["num_directions"],
+                   traced=("learning_rate", "smoothing", "tilt", "seed"),
+                   fields=("learning_rate", "smoothing", "tilt", "num_directions", "direction",
+                           "antithetic", "chunk_size")),
 }
 
 
@@ -265,7 +277,7 @@ def sweep(method: str, fields, problem: Problem, name: str | None = None, *,
 
 SCHEDULE_FIELDS = ("num_steps", "eval_every", "evals_per_chunk", "checkpoint_every")
 BATCHING = ("vmap", "separate")  # values of config.batch_members
-POSITIVE_FIELDS = (*SCHEDULE_FIELDS, "learning_rate", "smoothing", "num_directions",
+POSITIVE_FIELDS = (*SCHEDULE_FIELDS, "learning_rate", "smoothing", "tilt", "num_directions",
                    "metrics_batch", "chunk_size")
 OPTIONAL_FIELDS = ("chunk_size",)  # may also be None (the method's default)
 SEED_FIELDS = ("seed", "data_seed")  # non-negative integers

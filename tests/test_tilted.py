@@ -292,3 +292,27 @@ def test_bad_input_of_tilted_value_and_zest():
     with pytest.raises(ValueError, match="learning_rate"):
         zojax.zest(-0.1, 0.1, 1.0, 4)
     zojax.tilted(0.1, tilt=1.0, num_directions=3, antithetic=False)  # fine without pairs
+
+
+def test_runner_method_zest_sweeps_tilts_in_one_program(tmp_path):
+    """The runner's "zest" method: tilts are traced (one program), hparams record the tilt."""
+    import ml_collections
+
+    from experiments import runner
+
+    problem = runner.Problem(_loss, lambda p: {"loss": _loss(p)}, _params())
+    fields = dict(learning_rate=0.01, smoothing=0.05, tilt=(0.5, 5.0), num_directions=4,
+                  direction="sphere")
+    members = runner.sweep("zest", fields, problem)
+    experiment = runner.Experiment("zest", members, progress_metrics=("loss",))
+    config = ml_collections.ConfigDict(dict(num_steps=20, eval_every=10, log_evals=0,
+                                            evals_per_chunk=2, checkpoint_every=1))
+    groups = runner._make_groups(experiment, None, "vmap", config)
+    assert len(groups) == 1
+    results = runner.run(experiment, config, tmp_path / "run")
+    assert [run["hparams"]["tilt"] for run in results["runs"]] == [0.5, 5.0]
+    assert all(run["num_queries"][-1] == 80 for run in results["runs"])
+    assert all(run["metrics"]["loss"][-1] < run["metrics"]["loss"][0] for run in results["runs"])
+    bad = ml_collections.ConfigDict({**config.to_dict(), "zest": dict(tilt=(1.0, -1.0))})
+    with pytest.raises(ValueError, match=r"config\.zest\.tilt"):
+        runner.validate(bad)
