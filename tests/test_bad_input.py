@@ -85,3 +85,52 @@ def test_curvature_arguments():
         zojax.hessian_top_eigenvalue(LOSS, jax.random.key(0), jnp.ones(2), num_iters=0)
     with pytest.raises(ValueError, match="chunk_size"):
         zojax.hessian_trace(LOSS, jnp.ones(2), chunk_size=0)
+
+
+def _never_called(params, *args):
+    raise AssertionError("the objective must not be traced before the arguments are checked")
+
+
+KEY = jax.random.key(0)
+
+
+_TOOLKIT_CALLS = [
+    ("num_samples", lambda n: zojax.hutchinson_diagonal(_never_called, KEY, jnp.ones(2),
+                                                         num_samples=n)),
+    ("num_samples", lambda n: zojax.hessian_square_trace(_never_called, KEY, jnp.ones(2),
+                                                          num_samples=n)),
+    ("num_samples", lambda n: zojax.hessian_square_trace(_never_called, KEY, jnp.ones(2),
+                                                          num_samples=n, exact=True)),
+    ("num_samples", lambda n: zojax.hessian_spectrum(_never_called, KEY, jnp.ones(2),
+                                                      num_iters=2, num_samples=n)),
+    ("num_iters", lambda n: zojax.hessian_spectrum(_never_called, KEY, jnp.ones(2),
+                                                    num_iters=n, num_samples=2)),
+    ("chunk_size", lambda n: zojax.hessian_diagonal(_never_called, jnp.ones(2), chunk_size=n)),
+    ("chunk_size", lambda n: zojax.hutchinson_diagonal(_never_called, KEY, jnp.ones(2),
+                                                        num_samples=2, chunk_size=n)),
+    ("chunk_size", lambda n: zojax.hessian_square_trace(_never_called, KEY, jnp.ones(2),
+                                                         num_samples=2, chunk_size=n)),
+    ("chunk_size", lambda n: zojax.hessian_square_trace(_never_called, KEY, jnp.ones(2),
+                                                         num_samples=2, exact=True,
+                                                         chunk_size=n)),
+]
+
+
+@pytest.mark.parametrize("name, call, bad", [
+    (name, call, bad) for name, call in _TOOLKIT_CALLS
+    for bad in [0, -3, 1.5, True] + ([] if name == "chunk_size" else [None])])
+def test_flatness_toolkit_integer_arguments(name, call, bad):
+    """Checked at the call, before the objective is traced (it raises if it is)."""
+    with pytest.raises(ValueError, match=name):
+        call(bad)
+
+
+@pytest.mark.parametrize("width", [0.0, -1.0, float("nan"), float("inf"), "0.3", None])
+def test_spectral_density_arguments(width):
+    nodes, weights, grid = jnp.zeros((2, 3)), jnp.full((2, 3), 1 / 3), jnp.linspace(-1, 1, 5)
+    with pytest.raises(ValueError, match="width"):
+        zojax.spectral_density(nodes, weights, grid, width=width)
+    with pytest.raises(ValueError, match="nodes and weights"):
+        zojax.spectral_density(nodes, weights[:, :2], grid, width=0.1)
+    with pytest.raises(ValueError, match="grid"):
+        zojax.spectral_density(nodes, weights, grid[None], width=0.1)

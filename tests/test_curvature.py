@@ -177,3 +177,170 @@ def test_zo_finds_flatter_minima_than_gd():
     assert test_function.hessian_trace(gd) > 0.9 * start
     assert test_function.hessian_trace(zo) < 0.3 * start
     assert test_function.loss(zo) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# The flatness toolkit (issue 11): diagonals, tr H², the spectrum.
+
+
+def _unravel_like(params):
+    return jax.flatten_util.ravel_pytree(params)[1]
+
+
+@functools.cache
+def _net_dense_hessian():
+    """The net problem's dense float64 Hessian (numpy, so it outlives the x64 fixture)."""
+    params, inputs, targets = jax.tree.map(lambda x: x.astype(jnp.float64), _net_problem())
+    return np.asarray(_dense_hessian(_two_layer_net, params, inputs, targets))
+
+
+def _assert_like(tree, params):
+    assert jax.tree.structure(tree) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+        assert got.shape == want.shape and got.dtype == want.dtype, (got, want)
+
+
+def test_hessian_diagonal_two_layer_net(x64):
+    params, inputs, targets = _net_problem()
+    expected = _unravel_like(params)(jnp.diag(_net_dense_hessian()))
+    for chunk_size in (None, 1, 7, 1000):
+        diagonal = functools.partial(zojax.hessian_diagonal, _two_layer_net,
+                                     chunk_size=chunk_size)
+        if chunk_size == 7:
+            diagonal = jax.jit(diagonal)
+        diag = diagonal(params, inputs, targets)
+        _assert_like(diag, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
+                     diag, expected)
+    # Per-layer traces, and hessian_trace is the sum of the diagonal.
+    layer_traces = jax.tree.map(jnp.sum, diag)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, jnp.sum(b), rtol=1e-10),
+                 layer_traces, expected)
+    np.testing.assert_allclose(sum(jax.tree.leaves(layer_traces)),
+                               zojax.hessian_trace(_two_layer_net, params, inputs, targets),
+                               rtol=1e-12)
+
+
+def test_hutchinson_diagonal_within_standard_errors(x64):
+    params, inputs, targets = _net_problem()
+    exact = zojax.hessian_diagonal(_two_layer_net, params, inputs, targets)
+    key = jax.random.key(6)
+    estimate, stderr = jax.jit(functools.partial(
+        zojax.hutchinson_diagonal, _two_layer_net, num_samples=400))(key, params, inputs, targets)
+    _assert_like(estimate, params)
+    _assert_like(stderr, params)
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    z = np.abs(flat(estimate) - flat(exact)) / flat(stderr)
+    assert np.all(flat(stderr) > 0)
+    assert np.all(z < Z_MAX), z.max()
+    # Probe k from fold_in(key, k) as in hutchinson_trace: the diagonal sums to its trace.
+    trace, _ = zojax.hutchinson_trace(_two_layer_net, key, params, inputs, targets,
+                                      num_samples=400)
+    np.testing.assert_allclose(jnp.sum(flat(estimate)), trace, rtol=1e-10)
+
+
+def test_hessian_square_trace(x64):
+    params, inputs, targets = _net_problem()
+    frobenius = float(np.sum(_net_dense_hessian()**2))
+    exact, zero = jax.jit(functools.partial(
+        zojax.hessian_square_trace, _two_layer_net, num_samples=1, exact=True, chunk_size=7))(
+        None, params, inputs, targets)
+    np.testing.assert_allclose(exact, frobenius, rtol=1e-10)
+    assert float(zero) == 0.0
+    estimate, stderr = zojax.hessian_square_trace(_two_layer_net, jax.random.key(7), params,
+                                                  inputs, targets, num_samples=400)
+    assert stderr > 0
+    assert abs(estimate - frobenius) < Z_MAX * stderr, (estimate, stderr, frobenius)
+
+
+def _nonzero_nodes(nodes, weights, threshold=1e-10):
+    return [np.sort(n[w > threshold]) for n, w in zip(np.asarray(nodes), np.asarray(weights))]
+
+
+def test_hessian_spectrum_reproduces_eigvalsh(x64):
+    fun, params = _quadratic_problem()
+    eigenvalues = np.linalg.eigvalsh(_dense_hessian(fun, params))  # 8 distinct
+    for num_iters in (8, 12):  # = d, and > d (padded with zero weights)
+        nodes, weights = zojax.hessian_spectrum(fun, jax.random.key(0), params,
+                                                num_iters=num_iters, num_samples=3)
+        assert nodes.shape == weights.shape == (3, num_iters)
+        assert np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
+        assert np.all(np.diff(nodes, axis=1) >= 0)  # each row ascending
+        np.testing.assert_array_equal(weights[:, 8:], 0.0)
+        for row in _nonzero_nodes(nodes, weights):
+            np.testing.assert_allclose(row, eigenvalues, rtol=1e-8, atol=1e-10)
+
+
+def test_hessian_spectrum_moments_within_standard_errors(x64):
+    """d Σ_j w_j θ_j^p = d qᵀHᵖq for p <= 2 num_iters - 1: unbiased for tr Hᵖ, q on the sphere."""
+    params, inputs, targets = _net_problem()
+    dense = _net_dense_hessian()
+    dim = dense.shape[0]
+    nodes, weights = jax.jit(functools.partial(
+        zojax.hessian_spectrum, _two_layer_net, num_iters=10, num_samples=64))(
+        jax.random.key(8), params, inputs, targets)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
+    for power, exact in ((1, np.trace(dense)), (2, np.sum(dense**2))):
+        samples = dim * jnp.sum(weights * nodes**power, axis=1)
+        estimate, stderr = jnp.mean(samples), jnp.std(samples, ddof=1) / np.sqrt(64)
+        assert abs(estimate - exact) < Z_MAX * stderr, (power, estimate, stderr, exact)
+
+
+def _quadratic_form(p, hessian):
+    return 0.5 * p @ hessian @ p
+
+
+def test_hessian_spectrum_exhausted_krylov_space(x64):
+    """Fewer distinct eigenvalues than num_iters, or num_iters > d: finite, every node with
+    weight an eigenvalue, the rest of the spectrum (restarted blocks, padding) weightless."""
+    u = np.random.default_rng(2).normal(size=(6, 2))
+    hessians = {"repeated": np.diag([1.0, 1.0, 2.0, 2.0, 3.0, 3.0]),  # 3 distinct eigenvalues
+                "rank one": np.ones((6, 6)), "rank two": u @ u.T, "zero": np.zeros((6, 6))}
+    for num_iters in (5, 9):  # < d = 6, and > d
+        spectrum = jax.jit(functools.partial(zojax.hessian_spectrum, _quadratic_form,
+                                             num_iters=num_iters, num_samples=4))
+        for name, hessian in hessians.items():
+            eigenvalues = np.linalg.eigvalsh(hessian)
+            nodes, weights = spectrum(jax.random.key(1), jnp.zeros(6), jnp.asarray(hessian))
+            assert nodes.shape == (4, num_iters)
+            assert np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights)), name
+            np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
+            assert np.all(weights >= 0)
+            scale = max(1.0, np.max(np.abs(eigenvalues)))
+            for row in _nonzero_nodes(nodes, weights):
+                gaps = np.min(np.abs(row[:, None] - eigenvalues[None]), axis=1)
+                assert np.all(gaps < 1e-8 * scale), (name, num_iters, row)
+            # Nodes stay inside the spectrum (Ritz values of restarted blocks included).
+            assert np.all(nodes >= eigenvalues[0] - 1e-8 * scale), name
+            assert np.all(nodes <= eigenvalues[-1] + 1e-8 * scale), name
+
+
+def test_hessian_spectrum_exhausted_krylov_space_float32():
+    fun = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 1.0, 2.0, 2.0, 3.0, 3.0]) * p**2)
+    nodes, weights = zojax.hessian_spectrum(fun, jax.random.key(1), jnp.zeros(6), num_iters=5,
+                                            num_samples=8)
+    assert nodes.dtype == jnp.float32 and np.all(np.isfinite(nodes))
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+    for row in _nonzero_nodes(nodes, weights, threshold=1e-6):
+        assert np.all(np.min(np.abs(row[:, None] - np.array([1.0, 2.0, 3.0])), axis=1) < 1e-4)
+
+
+def test_spectral_density(x64):
+    fun = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 5.0, 5.0, 9.0]) * p**2)
+    nodes, weights = zojax.hessian_spectrum(fun, jax.random.key(2), jnp.zeros(4), num_iters=4,
+                                            num_samples=16)
+    width = 0.3
+    grid = jnp.linspace(-5.0, 15.0, 4001)
+    density = zojax.spectral_density(nodes, weights, grid, width=width)
+    assert density.shape == grid.shape
+    np.testing.assert_allclose(jnp.trapezoid(density, grid), 1.0, rtol=1e-6)
+    for eigenvalue in (1.0, 5.0, 9.0):  # a peak at each eigenvalue
+        window = np.abs(np.asarray(grid) - eigenvalue) < 2 * width
+        peak = np.asarray(grid)[window][np.argmax(np.asarray(density)[window])]
+        assert abs(peak - eigenvalue) < 0.02, (eigenvalue, peak)
+    # The mass near 5 (two of four eigenvalues) is about a half: 16 probes, E = 1/2.
+    mass = np.asarray(jnp.sum(jnp.where(jnp.abs(nodes - 5.0) < 1e-6, weights, 0.0), axis=1))
+    assert abs(mass.mean() - 0.5) < Z_MAX * mass.std(ddof=1) / 4
+    jitted = jax.jit(zojax.spectral_density)(nodes, weights, grid, width=width)
+    np.testing.assert_allclose(jitted, density, rtol=1e-12)

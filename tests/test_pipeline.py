@@ -229,6 +229,27 @@ def test_mean_and_sem_weighting_combines_exactly(x64):
         np.testing.assert_allclose(sem, np.std(samples, ddof=1) / np.sqrt(50), rtol=1e-12)
 
 
+def test_per_coordinate_mean_and_sem_combines_exactly(x64):
+    """A pytree sample per direction (Hutchinson's diagonal): Chan's update, leaf by leaf."""
+    rng = np.random.default_rng(1)
+    params = {"a": jnp.zeros((2, 3), jnp.float64), "b": jnp.zeros((), jnp.float64)}
+    samples = {"a": jnp.asarray(rng.normal(1.0, 2.0, size=(40, 2, 3))),
+               "b": jnp.asarray(rng.normal(size=40))}
+    weighting = weightings.mean_and_sem(lambda values: values, per_coordinate=True)
+    first = jax.tree.map(lambda x: x[:13], samples)
+    second = jax.tree.map(lambda x: x[13:], samples)
+    one = weighting.add(weighting.init(params), samples, None)
+    split = weighting.combine(weighting.add(weighting.init(params), first, None),
+                              weighting.add(weighting.init(params), second, None))
+    for acc in (one, split):
+        mean, sem = weighting.finalize(acc)
+        for name in params:
+            assert mean[name].shape == params[name].shape
+            np.testing.assert_allclose(mean[name], np.mean(samples[name], axis=0), rtol=1e-12)
+            np.testing.assert_allclose(sem[name], np.std(samples[name], axis=0, ddof=1)
+                                       / np.sqrt(40), rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # The transform builder's state
 

@@ -1,7 +1,17 @@
 """zojax: zeroth-order optimization in JAX, and the flatness of the minima it finds."""
 
 from zojax import datasets, directions, estimators, problems, transforms, weightings
-from zojax.curvature import hessian_top_eigenvalue, hessian_trace, hutchinson_trace, zo_trace
+from zojax.curvature import (
+    hessian_diagonal,
+    hessian_spectrum,
+    hessian_square_trace,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    spectral_density,
+    zo_trace,
+)
 from zojax.estimators import (
     forward_grad,
     tilted_grad,
@@ -31,10 +41,15 @@ __all__ = [
     "estimators",
     "forward_grad",
     "forward_gradient",
+    "hessian_diagonal",
+    "hessian_spectrum",
+    "hessian_square_trace",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "hutchinson_diagonal",
     "hutchinson_trace",
     "problems",
+    "spectral_density",
     "transforms",
     "tilted",
     "tilted_grad",

@@ -14,8 +14,9 @@ is exact, a chunked, scanned or sharded estimate equals the unchunked one (up to
   soft-max objective's self-normalized estimate).
 - :func:`log_mean_exp`: :math:`\frac1t\log\frac1n\sum_i e^{t f_i}` and its standard error by
   the delta method (a tilted objective's value).
-- :func:`mean_and_sem`: the mean and standard error of one scalar per direction (trace
-  estimators), by Chan's parallel update of (count, mean, M₂).
+- :func:`mean_and_sem`: the mean and standard error of one sample per direction, a scalar
+  (trace estimators) or a pytree like params (diagonal estimators), by Chan's parallel update
+  of (count, mean, M₂).
 
 A weighting that needs every value before it can weight any (rank-based shaping) is two passes:
 a first :func:`zojax.estimators.partial_estimate` collects the values, a second weights them.
@@ -202,38 +203,62 @@ class MomentsState(NamedTuple):
     """Accumulator of :func:`mean_and_sem`."""
 
     count: jax.Array  # scalar: samples added (float, for the update's arithmetic).
-    mean: jax.Array  # scalar: their mean.
-    m2: jax.Array  # scalar: Σ (x − mean)².
+    mean: Any  # their mean: a scalar, or (per_coordinate) the structure of params.
+    m2: Any  # Σ (x − mean)², the structure of mean.
 
 
-def mean_and_sem(samples: Callable[[jax.Array], jax.Array]) -> Weighting:
-    """The mean of ``samples(values)`` (one scalar per direction) and its standard error.
+def mean_and_sem(samples: Callable[[Any], Any], per_coordinate: bool = False) -> Weighting:
+    r"""The mean of ``samples(values)`` over directions and its standard error.
 
-    ``finalize`` returns ``(mean, sem)``, ``sem = std(ddof=1) / √n`` (NaN for one sample).
+    ``samples(values)`` gives one sample per direction: an (n,) array, or with
+    ``per_coordinate`` a pytree with the structure of params whose leaves are batched on axis 0
+    (``values`` is then whatever pytree the estimator's evaluation passes to ``add``, e.g. the
+    products :math:`v \odot Hv` of a Hessian diagonal). Chunks are merged by Chan's parallel
+    update of (count, mean, M₂), coordinate by coordinate. ``finalize`` returns
+    ``(mean, sem)``, ``sem = std(ddof=1) / √n`` (NaN for one sample), both with the structure
+    of one sample, in float32 or wider.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> moments = mean_and_sem(lambda values: values[:, 0])
+        >>> acc = moments.add(moments.init(jnp.zeros(2)), jnp.array([[1.0], [3.0]]), None)
+        >>> [float(x) for x in moments.finalize(acc)]
+        [2.0, 1.0]
     """
 
     def init(params):
-        zero = jnp.zeros((), _scalar_dtype(params))
-        return MomentsState(zero, zero, zero)
+        count = jnp.zeros((), _scalar_dtype(params))
+        zeros = _zeros_like_params(params) if per_coordinate else count
+        return MomentsState(count, zeros, zeros)
 
     def add(acc, values, directions):
         del directions
-        x = samples(values).astype(acc.mean.dtype)
-        chunk_mean = jnp.mean(x)
-        chunk = MomentsState(jnp.asarray(x.shape[0], x.dtype), chunk_mean,
-                             jnp.sum(jnp.square(x - chunk_mean)))
-        return combine(acc, chunk)
+        x = jax.tree.map(lambda s, m: s.astype(m.dtype), samples(values), acc.mean)
+        n = jax.tree.leaves(x)[0].shape[0]
+        chunk_mean = jax.tree.map(lambda s: jnp.mean(s, axis=0), x)
+        chunk_m2 = jax.tree.map(lambda s, m: jnp.sum(jnp.square(s - m), axis=0), x, chunk_mean)
+        return combine(acc, MomentsState(jnp.asarray(n, acc.count.dtype), chunk_mean, chunk_m2))
 
     def combine(a, b):
         count = a.count + b.count
         share = jnp.where(count > 0, b.count / jnp.maximum(count, 1), 0.0)
-        delta = b.mean - a.mean
-        return MomentsState(count, a.mean + delta * share,
-                            a.m2 + b.m2 + jnp.square(delta) * a.count * share)
+
+        def merged_mean(mean_a, mean_b):
+            return mean_a + (mean_b - mean_a) * share.astype(mean_a.dtype)
+
+        def merged_m2(m2_a, m2_b, mean_a, mean_b):
+            dtype = m2_a.dtype
+            return (m2_a + m2_b + jnp.square(mean_b - mean_a) * a.count.astype(dtype)
+                    * share.astype(dtype))
+
+        return MomentsState(count, jax.tree.map(merged_mean, a.mean, b.mean),
+                            jax.tree.map(merged_m2, a.m2, b.m2, a.mean, b.mean))
 
     def finalize(acc):
-        variance = acc.m2 / (acc.count - 1)
-        sem = jnp.where(acc.count > 1, jnp.sqrt(variance / acc.count), jnp.nan)
-        return acc.mean, sem
+        def sem(m2):
+            count = acc.count.astype(m2.dtype)
+            return jnp.where(count > 1, jnp.sqrt(m2 / (count - 1) / count), jnp.nan)
+
+        return acc.mean, jax.tree.map(sem, acc.m2)
 
     return Weighting(init, add, combine, finalize)
