@@ -224,7 +224,8 @@ def test_unknown_batch_members_is_an_error(tmp_path):
 def test_bad_members_are_errors():
     problem = runner.Problem(logistic_loss, logistic_metrics, jnp.zeros(3))
     experiment = runner.Experiment("x", [runner.Member("m", "adam", {}, problem)])
-    with pytest.raises(ValueError, match=r"unknown method 'adam'.*'forward_grad', 'gd', 'zo'"):
+    with pytest.raises(ValueError,
+                       match=r"unknown method 'adam'.*'forward_grad', 'gd', 'zest', 'zo'"):
         runner._make_groups(experiment, None)
     twice = runner.Member("m", "gd", {"learning_rate": 0.1}, problem)
     with pytest.raises(ValueError, match="distinct names"):
