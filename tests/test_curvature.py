@@ -291,6 +291,60 @@ def _quadratic_form(p, hessian):
     return 0.5 * p @ hessian @ p
 
 
+def _outlier_hessian(dim, seed=0):
+    """A dense symmetric Hessian with three outlying eigenvalues (10, 30, 100) over a bulk."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    eigenvalues = np.sort(np.concatenate([rng.normal(size=dim - 3), [10.0, 30.0, 100.0]]))
+    return (q * eigenvalues) @ q.T, eigenvalues
+
+
+@pytest.mark.parametrize("reorthogonalize", [False, True])
+def test_hessian_spectrum_quadrature_is_exact_for_low_degrees(x64, reorthogonalize):
+    """Σ_j w_j θ_j^p = qᵀHᵖq for p <= 2 num_iters - 1, probe by probe, with or without the
+    bases (the three-term recurrence loses orthogonality but not its moments)."""
+    hessian, _ = _outlier_hessian(40)
+    key, num_iters = jax.random.key(3), 12
+    nodes, weights = zojax.hessian_spectrum(_quadratic_form, key, jnp.zeros(40),
+                                            jnp.asarray(hessian), num_iters=num_iters,
+                                            num_samples=3, reorthogonalize=reorthogonalize)
+    for k in range(3):  # the probe's start vector, as the docstring defines it
+        q = np.asarray(jax.random.normal(jax.random.fold_in(key, k), (40,), jnp.float64))
+        q = q / np.linalg.norm(q)
+        for power in range(2 * num_iters):
+            exact = q @ np.linalg.matrix_power(hessian, power) @ q
+            got = np.sum(np.asarray(weights[k]) * np.asarray(nodes[k]) ** power)
+            np.testing.assert_allclose(got, exact, rtol=1e-9, err_msg=f"{k=}, {power=}")
+
+
+def test_hessian_spectrum_reorthogonalization(x64):
+    """num_iters >= d keeps the bases by default (nodes = eigenvalues, even with outliers);
+    below d the recurrence alone repeats converged nodes, reorthogonalize=True does not."""
+    hessian, eigenvalues = _outlier_hessian(20)
+    spectrum = functools.partial(zojax.hessian_spectrum, _quadratic_form, jax.random.key(0),
+                                 jnp.zeros(20), jnp.asarray(hessian), num_samples=2)
+    nodes, weights = spectrum(num_iters=20)
+    for row in _nonzero_nodes(nodes, weights):
+        np.testing.assert_allclose(row, eigenvalues, rtol=1e-9, atol=1e-9)
+    hessian, eigenvalues = _outlier_hessian(200)
+    spectrum = functools.partial(zojax.hessian_spectrum, _quadratic_form, jax.random.key(0),
+                                 jnp.zeros(200), jnp.asarray(hessian), num_samples=1,
+                                 num_iters=60)
+    copies = {}
+    for reorthogonalize in (False, True):
+        nodes, _ = spectrum(reorthogonalize=reorthogonalize)
+        copies[reorthogonalize] = int(np.sum(np.abs(np.asarray(nodes[0]) - 100.0) < 1e-6))
+    assert copies == {False: copies[False], True: 1} and copies[False] > 1, copies
+
+
+def test_top_eigenvalue_without_reorthogonalization(x64):
+    hessian, eigenvalues = _outlier_hessian(200)
+    got = zojax.hessian_top_eigenvalue(_quadratic_form, jax.random.key(0), jnp.zeros(200),
+                                       jnp.asarray(hessian), num_iters=40,
+                                       reorthogonalize=False)
+    np.testing.assert_allclose(got, eigenvalues[-1], rtol=1e-10)
+
+
 def test_hessian_spectrum_exhausted_krylov_space(x64):
     """Fewer distinct eigenvalues than num_iters, or num_iters > d: finite, every node with
     weight an eigenvalue, the rest of the spectrum (restarted blocks, padding) weightless."""
