@@ -224,6 +224,23 @@ def train_chunk(program: Program, state: TrainState, gaps, start, data_key, arra
     return state, metrics, queries
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _final_metrics(program: Program, fn: Callable, params, arrays: Arrays):
+    return fn(params, *eval_args(program, arrays))
+
+
+def final_metrics(group: "Group") -> list:
+    """``problem.final_metrics`` of each member's current params, on the host (None for a
+    member that went non-finite, or every member when the problem has none)."""
+    fn = group.problem.final_metrics
+    if fn is None:
+        return [None] * len(group.members)
+    failed = np.asarray(group.state.failed)
+    return [None if bad else jax.device_get(_final_metrics(group.program, fn, params,
+                                                           group.arrays))
+            for params, bad in zip(unstack(group.state.params, len(group.members)), failed)]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def metric_and_reference(program: Program, name: str, reference: Callable, params,
                          arrays: Arrays):

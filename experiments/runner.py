@@ -34,8 +34,9 @@ analysis, without the experiment; :func:`load_params` those of every member of a
 
 Config fields read here: ``num_steps``, ``eval_every``, ``log_evals``, ``evals_per_chunk``,
 ``checkpoint_every`` and optionally ``rng_impl``, ``batch_members``, ``metrics_batch`` (default
-1: evaluations whose metrics are vmapped together; memory grows with it) and ``data_seed``
-(default 0: the minibatch key).
+1: evaluations whose metrics are vmapped together; memory grows with it), ``data_seed``
+(default 0: the minibatch key) and ``concurrent_programs`` (default: the CPU count; how many
+programs run side by side; 1 runs them one after the other).
 """
 
 import concurrent.futures
@@ -205,7 +206,9 @@ def run(experiment: Experiment, config, workdir, *, overwrite: bool = False) -> 
         {"experiment": str, "config": {...},
          "runs": [{"name": str, "method": str, "hparams": {...}, "steps": [int],
                    "metrics": {"loss": [...], ...}, "num_queries": [int],
-                   "wall_seconds": float, "compile_seconds": float}]}
+                   "wall_seconds": float, "compile_seconds": float,
+                   "final_metrics": {...}  # only for problems with final_metrics
+                   }]}
 
     ``steps`` starts at 0 and is shared by every metric of a run (members with their own
     ``num_steps`` have their own); ``hparams`` holds the member's labels and hyperparameters;
@@ -215,7 +218,9 @@ def run(experiment: Experiment, config, workdir, *, overwrite: bool = False) -> 
     program that ran the member (shared by vmapped members, compilation excluded) and
     ``compile_seconds`` the time spent compiling it (shared likewise, and by the members whose
     separate runs share one compilation; a persistent-cache hit counts its loading time), both
-    cumulative across resumes; non-finite numbers are null.
+    cumulative across resumes; non-finite numbers are null. A run of a problem with
+    ``final_metrics`` also has ``"final_metrics"``: their values at its last step (nested lists;
+    null when the member went non-finite).
 
     Raises:
         ConfigError: a non-positive step count, λ or η (a ValueError naming the field), a method
@@ -282,7 +287,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
 
     # Programs of different groups run side by side: XLA releases the GIL, and one program's
     # matrix-vector products leave CPU cores idle.
-    workers = min(len(groups), os.cpu_count() or 1)
+    workers = min(len(groups), config.get("concurrent_programs") or os.cpu_count() or 1)
     try:
         with (tqdm.tqdm(total=max(int(g.steps[-1]) for g in groups), initial=position(),
                         unit="step", desc=experiment.name) as bar,
@@ -302,11 +307,11 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     finally:
         checkpoints.close()  # waits for the last save
     records = storage.member_records(groups, num_members)
-    steps = [None] * num_members
+    steps, finals = [None] * num_members, [None] * num_members
     for g in groups:
-        for index in g.indices:
-            steps[index] = g.steps
-    return (storage.results(experiment, config_dict, experiment.members, steps, records),
+        for index, final in zip(g.indices, _program.final_metrics(g)):
+            steps[index], finals[index] = g.steps, final
+    return (storage.results(experiment, config_dict, experiment.members, steps, records, finals),
             _start_cross_check(groups, "last", checker))
 
 

@@ -55,6 +55,11 @@ class Problem:
             optimizer's ``update`` at each step, given the loss's arguments after ``params``
             (e.g. ``{"output_fn": lambda p: model.apply(p, batch[0])}``).
         name: shown in error messages (default: the names of its members).
+        final_metrics: ``final_metrics(params, *eval_data) -> pytree of arrays``, computed once
+            per member on its params after the last step (jitted, one compilation per problem)
+            and stored as the run's ``"final_metrics"`` in results.json (arrays as nested
+            lists; null for a member that went non-finite), e.g. a Hessian spectrum too costly
+            to record at every evaluation.
     """
 
     loss: Callable[..., jax.Array]
@@ -67,6 +72,7 @@ class Problem:
     eval_data: tuple | None = None
     extra_args: Callable[..., Mapping[str, Any]] | None = None
     name: str = ""
+    final_metrics: Callable[..., Any] | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -234,7 +240,8 @@ class Experiment:
         name: experiment name (``results.json``'s ``"experiment"``, the plot's file name).
         members: the runs, in the order of results.json.
         plot: ``plot(results) -> matplotlib.figure.Figure``, saved as ``<name>.png`` and ``.pdf``
-            (build it with ``Figure()``, not pyplot: no backend or global state involved).
+            (build it with ``Figure()``, not pyplot: no backend or global state involved), or
+            ``-> {suffix: Figure}``, saved as ``<name><suffix>.png`` and ``.pdf``.
         summary: ``summary(results) -> str``, printed at the end (default :func:`summarize`).
         methods: the methods members may name (add an experiment's own to :data:`METHODS`).
         progress_metrics: metrics shown in the progress bar (min..max over members).
@@ -278,7 +285,7 @@ def sweep(method: str, fields, problem: Problem, name: str | None = None, *,
 SCHEDULE_FIELDS = ("num_steps", "eval_every", "evals_per_chunk", "checkpoint_every")
 BATCHING = ("vmap", "separate")  # values of config.batch_members
 POSITIVE_FIELDS = (*SCHEDULE_FIELDS, "learning_rate", "smoothing", "tilt", "num_directions",
-                   "metrics_batch", "chunk_size")
+                   "metrics_batch", "chunk_size", "concurrent_programs")
 OPTIONAL_FIELDS = ("chunk_size",)  # may also be None (the method's default)
 SEED_FIELDS = ("seed", "data_seed")  # non-negative integers
 
@@ -334,7 +341,7 @@ def validate(config, positive: Sequence[str] = POSITIVE_FIELDS) -> None:
         if name in SEED_FIELDS and not all(isinstance(s, int) and not isinstance(s, bool)
                                            and s >= 0 for s in as_tuple(value)):
             raise ConfigError(f"config.{path} must be non-negative integers, got {value!r}.")
-    for name in ("metrics_batch", "evals_per_chunk", "num_steps"):
+    for name in ("metrics_batch", "evals_per_chunk", "num_steps", "concurrent_programs"):
         if not isinstance(config.get(name, 1), int) or isinstance(config.get(name, 1), bool):
             raise ConfigError(f"config.{name} must be a positive int, got {config[name]!r}.")
     if config.get("log_evals", 0) < 0:

@@ -30,7 +30,9 @@ def jsonable(x):
     """Config and results as strict JSON: tuples as lists, non-finite floats as None."""
     if isinstance(x, Mapping):
         return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, tuple | list | np.ndarray):
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, tuple | list):
         return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
@@ -246,10 +248,13 @@ def restore_groups(checkpoints, step: int, groups: list, num_members: int) -> No
 
 
 def results(experiment: Experiment, config: dict, members: Sequence[Member],
-            steps: Sequence[np.ndarray], records: Sequence[dict]) -> dict:
-    """The results.json dict (schema in :func:`experiments.runner.run`), in member order."""
+            steps: Sequence[np.ndarray], records: Sequence[dict],
+            finals: Sequence | None = None) -> dict:
+    """The results.json dict (schema in :func:`experiments.runner.run`), in member order;
+    ``finals[i]`` is member i's ``final_metrics`` (recorded for problems that have them)."""
     runs = []
-    for member, member_steps, record in zip(members, steps, records):
+    finals = [None] * len(members) if finals is None else finals
+    for member, member_steps, record, final in zip(members, steps, records, finals):
         runs.append({
             "name": member.name,
             "method": member.method,
@@ -260,6 +265,8 @@ def results(experiment: Experiment, config: dict, members: Sequence[Member],
             "wall_seconds": record["wall_seconds"],
             "compile_seconds": record["compile_seconds"],
         })
+        if member.problem.final_metrics is not None:
+            runs[-1]["final_metrics"] = final
     return jsonable({"experiment": experiment.name, "config": config, "runs": runs})
 
 
@@ -291,8 +298,12 @@ def _fmt(value) -> str:
 
 
 def draw(experiment: Experiment, results: dict, workdir: pathlib.Path) -> None:
-    """Saves ``experiment.plot(results)`` as ``<name>.png`` and ``.pdf``."""
+    """Saves ``experiment.plot(results)`` as ``<name>.png`` and ``.pdf``; a dict of figures
+    ``{suffix: figure}`` as ``<name><suffix>.png`` and ``.pdf`` each."""
     if experiment.plot is not None:
-        figure = experiment.plot(results)
-        for suffix in (".png", ".pdf"):
-            figure.savefig(workdir / f"{experiment.name}{suffix}", dpi=150)
+        figures = experiment.plot(results)
+        if not isinstance(figures, Mapping):
+            figures = {"": figures}
+        for name, figure in figures.items():
+            for suffix in (".png", ".pdf"):
+                figure.savefig(workdir / f"{experiment.name}{name}{suffix}", dpi=150)
