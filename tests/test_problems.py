@@ -359,3 +359,32 @@ def test_linear_init_params():
     w = linear.init_params(jax.random.key(0), 10_001)
     assert w.shape == (10_001,) and w.dtype == jnp.float32
     assert 0.09 < float(jnp.std(w)) < 0.11
+
+
+def test_two_scales_valley_curvature_matches_autodiff(x64):
+    from zojax.problems import two_scales
+
+    n = 3
+    for w in (-1.0, 0.0, two_scales.TRACE_MINIMIZER, 2.0):
+        params = {"w": jnp.asarray(w), "u": jnp.zeros(n), "v": jnp.zeros(n)}
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        dense = np.asarray(jax.hessian(lambda x, unravel=unravel: two_scales.loss(unravel(x)))(
+            flat))
+        closed = two_scales.valley_curvature(w, n)
+        np.testing.assert_allclose(closed["hessian_trace"], np.trace(dense), rtol=1e-12)
+        np.testing.assert_allclose(closed["hessian_top_eigenvalue"],
+                                   np.linalg.eigvalsh(dense)[-1], rtol=1e-12)
+        np.testing.assert_allclose(closed["hessian_square_trace"], np.sum(dense**2), rtol=1e-12)
+        assert float(two_scales.loss(params)) == 0.0  # the valley is the minimum set
+
+
+def test_two_scales_minimizers():
+    from zojax.problems import two_scales
+
+    ws = np.linspace(-2.0, 3.0, 50_001)
+    curvature = two_scales.valley_curvature(ws, 5)
+    for name, where in (("hessian_trace", two_scales.TRACE_MINIMIZER),
+                        ("hessian_top_eigenvalue", two_scales.EIGENVALUE_MINIMIZER),
+                        ("hessian_square_trace", np.log(4.0) / 2.5)):
+        assert abs(ws[np.argmin(np.asarray(curvature[name]))] - where) < 1e-3, name
+    np.testing.assert_allclose(two_scales.TRACE_MINIMIZER, 0.8 * np.log(4.0), rtol=1e-6)

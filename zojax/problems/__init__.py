@@ -6,9 +6,11 @@
   affine features (Figure 2), with ``LOSSES``, the registry of its losses by name (title, loss,
   closed-form trace). Its functions are re-exported here; ``init_params`` stays
   namespaced (``linear.init_params``, ``test_function.init_params``) since both modules define it.
+- :mod:`zojax.problems.two_scales`: a valley of minimizers along which the smallest trace and
+  the smallest top eigenvalue sit at different points (the ZEST sharpness analysis).
 """
 
-from zojax.problems import linear, test_function
+from zojax.problems import linear, test_function, two_scales
 from zojax.problems.linear import (
     LOG_LOSS_EPS,
     LOSSES,
@@ -39,4 +41,5 @@ __all__ = [
     "svm_hessian_trace",
     "svm_loss",
     "test_function",
+    "two_scales",
 ]
