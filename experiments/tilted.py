@@ -1,0 +1,457 @@
+r"""The sharpness ZEST penalizes: GD, ZO and ZEST across tilts t, on four problems.
+
+ZEST descends the tilted objective :math:`L_t(x) = \frac1t \log \mathbb{E} e^{t f(x + \lambda u)}`
+(``zojax.zest``). At a minimizer with Hessian H, small t penalizes the trace (plain ZO's
+:math:`\frac{\lambda^2}{2}\operatorname{tr}H`, plus :math:`t\,\operatorname{tr}H^2` terms) and
+large t the top eigenvalue (sphere: :math:`L_t \to f^* + \frac{\lambda^2 d}{2}\lambda_{\max}`).
+Each run records, at every evaluation, the loss, ``hessian_trace``, ``hessian_top_eigenvalue``,
+``hessian_square_trace`` (exact for d <= ``exact_max_dim``, else Hutchinson with
+``*_stderr``) and the test accuracy where there is a test set; its Hessian spectrum
+(``hessian_spectrum``) at the last step is in ``final_metrics``.
+
+Problems: (a) ``test_function``, Figure 1's (yᵀz − 1)²/2, whose minimizers have a rank-one
+Hessian (trace = λ_max: every t penalizes the same quantity); (b) ``two_scales``
+(:mod:`zojax.problems.two_scales`), a valley where the smallest trace (w = 1.109) and the
+smallest λ_max (w = 0) sit apart; (c) ``logistic``, logistic regression on a7a's raw features;
+(d) ``digits_mlp``, a Flax MLP on scikit-learn's digits, minibatches.
+
+    python -m experiments.tilted --config configs/tilted.py --config.data_dir=../shared/data \
+        --workdir /tmp/zojax/tilted
+"""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import zojax
+from experiments import runner
+from zojax.problems import linear, test_function, two_scales
+
+NAME = "tilted"
+PROBLEMS = ("test_function", "two_scales", "logistic", "digits_mlp")  # config.problems
+METHOD_NAMES = ("gd", "zo", "zest")  # config.methods
+DIRECTIONS = ("sphere", "gaussian")  # config.direction
+GAUSSIAN_FINITE = ("logistic", "digits_mlp")  # where L_t exists with Gaussian directions
+TITLES = {"test_function": "(a) test function (yᵀz − 1)²/2",
+          "two_scales": "(b) two scales ½e^{w/4}‖u‖² + ½e^{−w}‖v‖²",
+          "logistic": "(c) logistic regression", "digits_mlp": "(d) MLP on digits"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Curvature metrics, shared by every problem.
+
+
+def curvature(fun, params, *args, exact: bool, num_probes: int, lanczos_iters: int, seed: int,
+              trace=None):
+    """``{hessian_trace, hessian_top_eigenvalue, hessian_square_trace[, *_stderr]}`` of ``fun``
+    at ``params``: exact traces over the basis, or Hutchinson (Rademacher, ``num_probes``, the
+    same probes at every call); λ_max by ``lanczos_iters`` Lanczos steps. ``trace``: a closed
+    form of the trace, used instead (no stderr)."""
+    key = jax.random.key(seed)
+    out = {"hessian_top_eigenvalue": zojax.hessian_top_eigenvalue(
+        fun, key, params, *args, num_iters=lanczos_iters)}
+    if trace is not None:
+        out["hessian_trace"] = trace
+    if exact:
+        if trace is None:
+            out["hessian_trace"] = zojax.hessian_trace(fun, params, *args)
+        out["hessian_square_trace"] = zojax.hessian_square_trace(
+            fun, key, params, *args, num_samples=1, exact=True)[0]
+    else:
+        if trace is None:
+            out["hessian_trace"], out["hessian_trace_stderr"] = zojax.hutchinson_trace(
+                fun, key, params, *args, num_samples=num_probes)
+        square, square_se = zojax.hessian_square_trace(fun, key, params, *args,
+                                                       num_samples=num_probes)
+        out.update(hessian_square_trace=square, hessian_square_trace_stderr=square_se)
+    return out
+
+
+def _settings(config, dim: int) -> dict:
+    return dict(exact=dim <= config.exact_max_dim, num_probes=config.hutchinson_samples,
+                lanczos_iters=min(config.lanczos_iters, dim), seed=config.curvature_seed)
+
+
+def spectrum(fun, params, *args, num_iters: int, num_samples: int, seed: int):
+    """The final metric: ``{"spectrum": {"nodes", "weights"}}`` of ``fun``'s Hessian at
+    ``params`` (stochastic Lanczos quadrature, ``zojax.hessian_spectrum``)."""
+    nodes, weights = zojax.hessian_spectrum(fun, jax.random.key(seed + 1), params, *args,
+                                            num_iters=num_iters, num_samples=num_samples)
+    return {"spectrum": {"nodes": nodes, "weights": weights}}
+
+
+def _final(config, fun):
+    """``final_metrics(params, *eval_data)``: the spectrum of ``fun(params, *eval_data)``."""
+    return functools.partial(_spectrum_of, fun, config.spectrum_iters, config.spectrum_samples,
+                             config.curvature_seed)
+
+
+def _spectrum_of(fun, num_iters, num_samples, seed, params, *args):
+    return spectrum(fun, params, *args, num_iters=num_iters, num_samples=num_samples, seed=seed)
+
+
+def _dim(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# The four problems: Problem (loss, metrics, start, data) and their labels.
+
+
+def _test_function_metrics(settings, params):
+    return {"loss": test_function.loss(params),
+            **curvature(test_function.loss, params, **settings,
+                        trace=test_function.hessian_trace(params))}
+
+
+def test_function_problem(config) -> runner.Problem:
+    fields = config.test_function
+    params = test_function.init_params(jax.random.key(fields.init_seed), fields.dim,
+                                       fields.init_scale)
+    settings = _settings(config, _dim(params))
+    return runner.Problem(
+        test_function.loss, functools.partial(_test_function_metrics, settings), params,
+        reference_metrics={"hessian_trace": functools.partial(zojax.hessian_trace,
+                                                               test_function.loss)},
+        final_metrics=_final(config, test_function.loss), name="test_function")
+
+
+def _two_scales_metrics(settings, params):
+    return {"loss": two_scales.loss(params), "w": params["w"],
+            **curvature(two_scales.loss, params, **settings)}
+
+
+def two_scales_problem(config) -> runner.Problem:
+    fields = config.two_scales
+    params = two_scales.init_params(fields.init_w, fields.n, jax.random.key(1), fields.init_scale)
+    settings = _settings(config, _dim(params))
+    return runner.Problem(two_scales.loss, functools.partial(_two_scales_metrics, settings),
+                          params, final_metrics=_final(config, two_scales.loss),
+                          name="two_scales")
+
+
+def logistic_data(config) -> tuple[str, tuple]:
+    """``(dataset name, (X_train, y_train, X_test, y_test))``: raw features with a bias column."""
+    name = config.logistic.dataset
+    if name == "auto":
+        try:
+            name, data = "a7a", zojax.datasets.load_libsvm("a7a", data_dir=config.data_dir)
+        except FileNotFoundError as error:
+            logging.warning("a7a not found (%s): the logistic problem runs on synthetic-a7a.",
+                            str(error).splitlines()[0])
+            name = "synthetic-a7a"
+    if name.startswith("synthetic"):
+        data = zojax.datasets.synthetic_libsvm(config.synthetic_seed,
+                                               like=name.partition("-")[2] or "a5a")
+    elif config.logistic.dataset != "auto":
+        try:
+            data = zojax.datasets.load_libsvm(name, data_dir=config.data_dir)
+        except FileNotFoundError as error:
+            raise runner.ConfigError(f"config.logistic.dataset: {error}") from None
+
+    def with_bias(inputs):
+        return jnp.concatenate([jnp.ones((inputs.shape[0], 1), jnp.float32),
+                                jnp.asarray(inputs, jnp.float32)], axis=1)
+
+    return name, (with_bias(data.train_inputs), jnp.asarray(data.train_labels),
+                  with_bias(data.test_inputs), jnp.asarray(data.test_labels))
+
+
+def _logistic_train(w, features, labels, test_features, test_labels):
+    del test_features, test_labels
+    return linear.logistic_loss(w, features, labels)
+
+
+def _logistic_metrics(settings, w, features, labels, test_features, test_labels):
+    return {"loss": linear.logistic_loss(w, features, labels),
+            **curvature(linear.logistic_loss, w, features, labels, **settings,
+                        trace=linear.logistic_hessian_trace(w, features, labels)),
+            "test_loss": linear.logistic_loss(w, test_features, test_labels),
+            "test_accuracy": linear.accuracy(w, test_features, test_labels)}
+
+
+def _logistic_reference(w, features, labels, test_features, test_labels):
+    del test_features, test_labels
+    return zojax.hessian_trace(linear.logistic_loss, w, features, labels)
+
+
+def logistic_problem(config) -> tuple[runner.Problem, str]:
+    name, arrays = logistic_data(config)
+    dim = arrays[0].shape[1]
+    w0 = config.logistic.init_scale * jax.random.normal(jax.random.key(2), (dim,), jnp.float32)
+    settings = _settings(config, dim)
+    problem = runner.Problem(
+        _logistic_train, functools.partial(_logistic_metrics, settings), w0, arrays,
+        reference_metrics={"hessian_trace": _logistic_reference},
+        final_metrics=_final(config, _logistic_train), name="logistic")
+    return problem, name
+
+
+class MLP(nn.Module):
+    """64 → hidden (tanh) → 10 logits."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(jnp.tanh(nn.Dense(self.hidden)(x)))
+
+
+def _cross_entropy(params, model, inputs, labels):
+    logits = model.apply({"params": params}, inputs)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _mlp_batch_loss(params, batch, model):
+    return _cross_entropy(params, model, *batch)
+
+
+def _mlp_train_loss(params, model, inputs, labels, test_inputs, test_labels):
+    del test_inputs, test_labels
+    return _cross_entropy(params, model, inputs, labels)
+
+
+def _mlp_metrics(settings, params, model, inputs, labels, test_inputs, test_labels):
+    def accuracy(x, y):
+        return jnp.mean(jnp.argmax(model.apply({"params": params}, x), axis=-1) == y)
+
+    return {"loss": _cross_entropy(params, model, inputs, labels),
+            **curvature(_cross_entropy, params, model, inputs, labels, **settings),
+            "train_accuracy": accuracy(inputs, labels),
+            "test_loss": _cross_entropy(params, model, test_inputs, test_labels),
+            "test_accuracy": accuracy(test_inputs, test_labels)}
+
+
+def digits_data(seed: int = 0):
+    """scikit-learn's digits (embedded): pixels / 16, a fixed 80/20 split by ``seed``."""
+    from sklearn.datasets import load_digits  # lazy: only this problem needs it
+
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    inputs = (digits.data[order] / 16.0).astype(np.float32)
+    labels = digits.target[order].astype(np.int32)
+    cut = int(0.8 * len(labels))
+    return (jnp.asarray(inputs[:cut]), jnp.asarray(labels[:cut]), jnp.asarray(inputs[cut:]),
+            jnp.asarray(labels[cut:]))
+
+
+def digits_mlp_problem(config) -> runner.Problem:
+    fields = config.digits_mlp
+    model = MLP(fields.hidden)
+    train_x, train_y, test_x, test_y = digits_data(fields.init_seed)
+    params = model.init(jax.random.key(fields.init_seed), train_x[:1])["params"]
+    settings = _settings(config, _dim(params))
+    # Hessian functions see (params, model, x, y): the module is a static part of the program.
+    return runner.Problem(
+        _mlp_batch_loss, functools.partial(_mlp_metrics, settings), params, (model,),
+        batch_fn=runner.Minibatches((train_x, train_y), fields.batch_size),
+        eval_data=(model, train_x, train_y, test_x, test_y),
+        final_metrics=_final(config, _mlp_train_loss), name="digits_mlp")
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def _check_config(config) -> None:
+    """ConfigError naming the field (and the valid values) before anything is built."""
+    runner.validate(config, runner.POSITIVE_FIELDS + (
+        "dim", "init_scale", "n", "hidden", "batch_size", "exact_max_dim", "hutchinson_samples",
+        "lanczos_iters", "spectrum_iters", "spectrum_samples"))
+    runner.check_choices(config, {"problems": PROBLEMS, "methods": METHOD_NAMES,
+                                  "direction": DIRECTIONS})
+    tilts = runner.as_tuple(config.tilts)
+    if not tilts or not all(isinstance(t, int | float) and not isinstance(t, bool)
+                            and math.isfinite(t) and t > 0 for t in tilts):
+        raise runner.ConfigError(f"config.tilts must be a non-empty tuple of positive finite "
+                                 f"numbers, got {config.tilts!r}.")
+    for name in runner.as_tuple(config.problems):
+        q = config[name].num_directions
+        if not (isinstance(q, int) and q >= 2 and q % 2 == 0):
+            raise runner.ConfigError(f"config.{name}.num_directions must be an even int >= 2 "
+                                     f"(ZEST's antithetic points, ZO's 2q), got {q!r}.")
+        if config.direction == "gaussian" and name not in GAUSSIAN_FINITE:
+            raise runner.ConfigError(
+                f"config.direction: 'gaussian' makes L_t infinite on {name!r} (it grows faster "
+                f"than quadratically); use 'sphere', or Gaussian only with problems "
+                f"{GAUSSIAN_FINITE}.")
+    dataset = config.logistic.dataset
+    if dataset not in ("auto", "synthetic") and not (
+            dataset in zojax.datasets.LIBSVM_DATASETS or (
+                dataset.startswith("synthetic-")
+                and dataset.partition("-")[2] in zojax.datasets.LIBSVM_DATASETS)):
+        raise runner.ConfigError(
+            f"config.logistic.dataset must be 'auto', 'synthetic', a LIBSVM name or "
+            f"'synthetic-<name>' ({', '.join(zojax.datasets.LIBSVM_DATASETS)}), got {dataset!r}.")
+
+
+def get_experiment(config) -> runner.Experiment:
+    """GD, ZO and ZEST (every tilt) on every problem of ``config.problems``."""
+    _check_config(config)
+    members = []
+    for name in runner.as_tuple(config.problems):
+        labels = {"problem": name}
+        if name == "logistic":
+            problem, labels["dataset"] = logistic_problem(config)
+        else:
+            problem = {"test_function": test_function_problem, "two_scales": two_scales_problem,
+                       "digits_mlp": digits_mlp_problem}[name](config)
+        fields = config[name]
+        common = dict(name=None, labels=labels, num_steps=fields.num_steps)
+        shared = {"learning_rate": fields.learning_rate, "seed": config.seed}
+        zo_fields = {**shared, "smoothing": fields.smoothing, "direction": config.direction}
+        methods = {
+            "gd": {"learning_rate": fields.learning_rate},
+            "zo": {**zo_fields, "num_directions": fields.num_directions // 2,
+                   "scheme": "central"},
+            "zest": {**zo_fields, "tilt": tuple(runner.as_tuple(config.tilts)),
+                     "num_directions": fields.num_directions, "antithetic": True}}
+        for method in runner.as_tuple(config.methods):
+            members += runner.sweep(method, methods[method], problem,
+                                    **{**common, "name": f"{name}/{method}"})
+    return runner.Experiment(NAME, members, plot=plot, summary=summary)
+
+
+def train_and_evaluate(config, workdir, *, overwrite: bool = False) -> dict:
+    """Runs (or resumes) the sweep in ``workdir``; returns the results dict."""
+    return runner.run(get_experiment(config), config, workdir, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and plots.
+
+
+def label(run: dict) -> str:
+    """``"GD"``, ``"ZO"`` or ``"ZEST t=10"``."""
+    if run["method"] == "zest":
+        return f"ZEST t={run['hparams']['tilt']:g}"
+    return run["method"].upper()
+
+
+def by_problem(results: dict) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for run in results["runs"]:
+        runs.setdefault(run["hparams"]["problem"], []).append(run)
+    return runs
+
+
+def final(run: dict, metric: str):
+    """The metric's value at the run's last evaluation (None: not recorded or non-finite)."""
+    values = run["metrics"].get(metric)
+    return values[-1] if values else None
+
+
+COLUMNS = (("loss", "final loss", ".3g"), ("hessian_trace", "tr H", ".4g"),
+           ("hessian_square_trace", "tr H²", ".4g"), ("hessian_top_eigenvalue", "λ_max", ".4g"),
+           ("test_accuracy", "test acc", ".4f"))
+
+
+def table(results: dict) -> str:
+    """Markdown table of (problem, method, t, final loss, tr H, tr H², λ_max, test accuracy)."""
+    lines = ["| problem | method | t | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|---|---|" + "---|" * len(COLUMNS)]
+    for problem, runs in by_problem(results).items():
+        for run in runs:
+            t = run["hparams"].get("tilt")
+            cells = []
+            for metric, _, spec in COLUMNS:
+                value = final(run, metric)
+                stderr = final(run, metric + "_stderr")
+                text = "–" if value is None else format(value, spec)
+                cells.append(text + (f" ± {stderr:.2g}" if stderr is not None else ""))
+            lines.append(f"| {problem} | {run['method'].upper()} | "
+                         f"{'–' if t is None else format(t, 'g')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(results: dict) -> str:
+    return f"{NAME}: final values per run\n{table(results)}"
+
+
+def plot(results: dict) -> dict:
+    """Three figures: ``""`` (final trace and λ_max vs t per problem), ``"_trajectories"``
+    (trace and λ_max over steps), ``"_spectra"`` (the eigenvalue densities of GD, ZO, ZEST)."""
+    from matplotlib.figure import Figure  # lazy: only when plotting
+
+    problems = by_problem(results)
+    columns = len(problems)
+    figures = {}
+
+    figure = Figure(figsize=(3.6 * columns + 0.6, 6), layout="constrained")
+    axes = figure.subplots(2, columns, squeeze=False)
+    for column, (problem, runs) in enumerate(problems.items()):
+        zest = [r for r in runs if r["method"] == "zest"]
+        for row, metric in enumerate(("hessian_trace", "hessian_top_eigenvalue")):
+            ax = axes[row, column]
+            if zest:
+                tilts = [r["hparams"]["tilt"] for r in zest]
+                values = [np.nan if final(r, metric) is None else final(r, metric) for r in zest]
+                ax.plot(tilts, values, "o-", color="C2", label="ZEST")
+            for run, color in ((r, c) for r in runs for c in ("C0" if r["method"] == "gd" else
+                                                             "C1",) if r["method"] != "zest"):
+                if final(run, metric) is not None:
+                    ax.axhline(final(run, metric), color=color, ls="--", label=label(run))
+            ax.set(xscale="log", xlabel="tilt t" if row else "",
+                   ylabel=("final tr ∇²f", "final λ_max(∇²f)")[row] if column == 0 else "")
+            ax.grid(alpha=0.3)
+        axes[0, column].set_title(TITLES.get(problem, problem), fontsize="medium")
+        axes[0, column].legend(fontsize="small")
+    figures[""] = figure
+
+    figure = Figure(figsize=(3.6 * columns + 0.6, 6), layout="constrained")
+    axes = figure.subplots(2, columns, squeeze=False)
+    for column, (problem, runs) in enumerate(problems.items()):
+        for index, run in enumerate(runs):
+            steps = np.asarray(run["steps"], float)
+            for row, metric in enumerate(("hessian_trace", "hessian_top_eigenvalue")):
+                values = np.asarray(run["metrics"][metric], float)  # null -> nan
+                axes[row, column].plot(steps[1:], values[1:], label=label(run), lw=1.3,
+                                       color=f"C{index}")
+        for row, name in enumerate(("tr ∇²f", "λ_max(∇²f)")):
+            axes[row, column].set(xscale="log", yscale="log", ylabel=name if column == 0 else "")
+            axes[row, column].grid(alpha=0.3)
+        axes[0, column].set_title(TITLES.get(problem, problem), fontsize="medium")
+        axes[1, column].set_xlabel("iteration")
+        axes[1, column].legend(fontsize="x-small")
+    figures["_trajectories"] = figure
+
+    figure = Figure(figsize=(10, 2.6 * len(problems) + 0.4), layout="constrained")
+    axes = figure.subplots(len(problems), 3, squeeze=False)
+    for row, (problem, runs) in enumerate(problems.items()):
+        spectra = [(run, run.get("final_metrics")) for run in runs]
+        spectra = [(run, f["spectrum"]) for run, f in spectra if f]
+        if not spectra:
+            continue
+        nodes = np.concatenate([np.ravel(s["nodes"]) for _, s in spectra]).astype(float)
+        lo, hi = float(np.nanmin(nodes)), float(np.nanmax(nodes))
+        pad = 0.05 * (hi - lo) + 1e-3
+        grid = np.linspace(lo - pad, hi + pad, 800)
+        width = 0.01 * (hi - lo) + 1e-3
+        for index, (run, s) in enumerate(spectra):
+            column = {"gd": 0, "zo": 1}.get(run["method"], 2)
+            density = np.asarray(zojax.spectral_density(np.asarray(s["nodes"], float),
+                                                        np.asarray(s["weights"], float), grid,
+                                                        width=width))
+            axes[row, column].plot(grid, np.maximum(density, 1e-6), label=label(run),
+                                   color=f"C{index}", lw=1.2)
+        for column, name in enumerate(("GD", "ZO", "ZEST")):
+            axes[row, column].set(yscale="log", ylim=(1e-4, None), title=f"{name}: {problem}")
+            axes[row, column].grid(alpha=0.3)
+            if axes[row, column].lines:
+                axes[row, column].legend(fontsize="x-small")
+        axes[row, 0].set_ylabel("density")
+    axes[-1, 1].set_xlabel("Hessian eigenvalue (stochastic Lanczos quadrature)")
+    figures["_spectra"] = figure
+    return figures
+
+
+if __name__ == "__main__":
+    from experiments import cli
+
+    cli.main(train_and_evaluate)
