@@ -58,18 +58,17 @@ def curvature(fun, params, *args, exact: bool, num_probes: int, lanczos_iters: i
         fun, key, params, *args, num_iters=lanczos_iters)}
     if trace is not None:
         out["hessian_trace"] = trace
+    elif exact:
+        out["hessian_trace"] = zojax.hessian_trace(fun, params, *args)
+    else:
+        out["hessian_trace"], out["hessian_trace_stderr"] = zojax.hutchinson_trace(
+            fun, key, params, *args, num_samples=num_probes)
     if exact:
-        if trace is None:
-            out["hessian_trace"] = zojax.hessian_trace(fun, params, *args)
         out["hessian_square_trace"] = zojax.hessian_square_trace(
             fun, key, params, *args, num_samples=1, exact=True)[0]
     else:
-        if trace is None:
-            out["hessian_trace"], out["hessian_trace_stderr"] = zojax.hutchinson_trace(
-                fun, key, params, *args, num_samples=num_probes)
-        square, square_se = zojax.hessian_square_trace(fun, key, params, *args,
-                                                       num_samples=num_probes)
-        out.update(hessian_square_trace=square, hessian_square_trace_stderr=square_se)
+        out["hessian_square_trace"], out["hessian_square_trace_stderr"] = (
+            zojax.hessian_square_trace(fun, key, params, *args, num_samples=num_probes))
     return out
 
 
@@ -78,22 +77,18 @@ def _settings(config, dim: int) -> dict:
                 lanczos_iters=min(config.lanczos_iters, dim), seed=config.curvature_seed)
 
 
-def spectrum(fun, params, *args, num_iters: int, num_samples: int, seed: int):
-    """The final metric: ``{"spectrum": {"nodes", "weights"}}`` of ``fun``'s Hessian at
-    ``params`` (stochastic Lanczos quadrature, ``zojax.hessian_spectrum``)."""
-    nodes, weights = zojax.hessian_spectrum(fun, jax.random.key(seed + 1), params, *args,
-                                            num_iters=num_iters, num_samples=num_samples)
-    return {"spectrum": {"nodes": nodes, "weights": weights}}
-
-
 def _final(config, fun):
-    """``final_metrics(params, *eval_data)``: the spectrum of ``fun(params, *eval_data)``."""
-    return functools.partial(_spectrum_of, fun, config.spectrum_iters, config.spectrum_samples,
-                             config.curvature_seed)
+    """``final_metrics(params, *eval_data)``: ``{"spectrum": {"nodes", "weights"}}`` of the
+    Hessian of ``fun(params, *eval_data)`` (stochastic Lanczos quadrature)."""
+    key = jax.random.key(config.curvature_seed + 1)
+    num_iters, num_samples = config.spectrum_iters, config.spectrum_samples
 
+    def final_metrics(params, *args):
+        nodes, weights = zojax.hessian_spectrum(fun, key, params, *args, num_iters=num_iters,
+                                                num_samples=num_samples)
+        return {"spectrum": {"nodes": nodes, "weights": weights}}
 
-def _spectrum_of(fun, num_iters, num_samples, seed, params, *args):
-    return spectrum(fun, params, *args, num_iters=num_iters, num_samples=num_samples, seed=seed)
+    return final_metrics
 
 
 def _dim(params) -> int:
