@@ -28,6 +28,19 @@ REGISTRY = {
     "tilted_sphere_one_sided_chunked": (zojax.tilted, dict(
         smoothing=0.1, tilt=10.0, num_directions=8, direction="sphere", antithetic=False,
         chunk_size=3)),
+    # ZO-NP and its baselines on blocks of 2 of the 4 parameters (one block per step).
+    "natural": (zojax.natural, dict(smoothing=0.01, num_directions=3, max_block_size=2,
+                                    update_every=2, num_fisher_inputs=3)),
+    "natural_autodiff_all_blocks": (zojax.natural, dict(
+        smoothing=0.01, num_directions=3, max_block_size=3, update_every=1, fisher="gaussian",
+        jacobian="autodiff", block_coordinate=False)),
+    "natural_one_matrix": (zojax.natural, dict(smoothing=0.01, num_directions=2,
+                                               max_block_size=2, update_every=1,
+                                               max_fisher_blocks=1)),
+    "block_two_point": (zojax.block_two_point, dict(smoothing=0.01, num_directions=3,
+                                                    max_block_size=2)),
+    "block_two_point_coordinate": (zojax.block_two_point, dict(
+        smoothing=0.01, num_directions=3, max_block_size=2, direction="coordinate")),
     "zo_sgd": (zojax.zo_sgd, dict(learning_rate=0.1, smoothing=0.01, num_directions=2)),
     "zo_adam": (zojax.zo_adam, dict(learning_rate=0.1, smoothing=0.01)),
     "zo_sign_sgd": (zojax.zo_sign_sgd, dict(learning_rate=0.1, smoothing=0.01)),
@@ -50,8 +63,14 @@ def _loss(params):
     return jnp.sum(jnp.square(params["w"] - 1.0)) + 2.0 * jnp.sum(jnp.square(params["b"]))
 
 
+def _outputs(params):
+    """Model outputs for the Fisher of `natural` (logits (4, 3)); the other transforms ignore
+    this extra argument."""
+    return jnp.outer(jnp.arange(1.0, 5.0), params["w"]) + params["b"][0, 0]
+
+
 def _step(opt, params, state, loss=_loss):
-    updates, state = opt.update(None, state, params, value_fn=loss)
+    updates, state = opt.update(None, state, params, value_fn=loss, output_fn=_outputs)
     return optax.apply_updates(params, updates), state
 
 
@@ -126,7 +145,8 @@ def test_dtype_kept(name, dtype):
 def test_inject_hyperparams_gives_the_same_updates(name):
     factory, kwargs = REGISTRY[name]
     # Shape-changing ints are static (strings and None stay static by type).
-    static = [k for k in ("num_directions", "chunk_size") if k in kwargs or k == "num_directions"]
+    static = [k for k in ("num_directions", "chunk_size", "max_block_size", "max_fisher_blocks")
+              if k in kwargs or k == "num_directions"]
     injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
     plain = factory(**kwargs)
     params = _params()
@@ -159,7 +179,7 @@ def test_vmapped_sweep_of_smoothing_and_learning_rate():
         np.testing.assert_allclose(swept["w"][i], alone["w"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["two_point", "forward_gradient"])
+@pytest.mark.parametrize("name", ["two_point", "forward_gradient", "natural"])
 def test_chain_with_clipping_adam_and_multisteps(name):
     estimator = _make(name)
     params = _params()
@@ -174,7 +194,8 @@ def test_chain_with_clipping_adam_and_multisteps(name):
     current, estimates = params, []
     for i in range(k):
         plain_state = jax.tree.map(lambda x: x, state[0])
-        estimates.append(estimator.update(None, plain_state, current, value_fn=_loss)[0])
+        estimates.append(estimator.update(None, plain_state, current, value_fn=_loss,
+                                          output_fn=_outputs)[0])
         current, state = step(current, state)
         if i < k - 1:  # parameters only move at the k-th step
             np.testing.assert_array_equal(current["w"], params["w"])

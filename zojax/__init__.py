@@ -1,6 +1,7 @@
 """zojax: zeroth-order optimization in JAX, and the flatness of the minima it finds."""
 
-from zojax import datasets, directions, estimators, problems, transforms, weightings
+from zojax import blocks, datasets, directions, estimators, problems, transforms, weightings
+from zojax.blocks import partition_blocks
 from zojax.curvature import (
     hessian_diagonal,
     hessian_spectrum,
@@ -21,8 +22,10 @@ from zojax.estimators import (
 )
 from zojax.transforms import (
     TwoPointState,
+    block_two_point,
     estimator_transform,
     forward_gradient,
+    natural,
     tilted,
     two_point,
     zest,
@@ -35,6 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TwoPointState",
+    "block_two_point",
+    "blocks",
     "datasets",
     "directions",
     "estimator_transform",
@@ -48,6 +53,8 @@ __all__ = [
     "hessian_trace",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "natural",
+    "partition_blocks",
     "problems",
     "spectral_density",
     "transforms",

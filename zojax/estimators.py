@@ -356,6 +356,9 @@ class Estimate(NamedTuple):
     finite: jax.Array  # bool scalar: every evaluation finite (else the step is skipped).
     num_queries: jax.Array  # int32 scalar: objective evaluations made.
     perturbation_state: Any  # the perturbation's state after the step.
+    # True when the estimate already kept its perturbation state on a non-finite step (it
+    # writes a large state in place: a select against the old state would copy all of it).
+    guarded: bool = False
 
 
 def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions: int,

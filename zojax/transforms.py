@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zojax import _checks, estimators
+from zojax import _checks, blocks, estimators
 from zojax.directions import Perturbation, Sampler, as_perturbation
 
 
@@ -78,7 +78,8 @@ def estimator_transform(estimate: Callable, seed=0, *,
 
     The one place that handles the optax state and the non-finite policy: each update splits the
     state's key, calls ``estimate`` and, when an evaluation was not finite, returns a zero update,
-    keeps the perturbation state and counts the step in ``num_nonfinite``.
+    keeps the perturbation state (or leaves that to an estimate whose ``Estimate.guarded`` is
+    True) and counts the step in ``num_nonfinite``.
 
     Args:
         estimate: ``estimate(key, value_fn, params, perturbation_state, **extra_args) ->
@@ -128,8 +129,8 @@ def estimator_transform(estimate: Callable, seed=0, *,
                        state.perturbation_state, **extra_args)
         finite = out.finite
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), out.grads)
-        perturbation_state = jax.tree.map(functools.partial(_where, finite),
-                                          out.perturbation_state, state.perturbation_state)
+        perturbation_state = out.perturbation_state if out.guarded else jax.tree.map(
+            functools.partial(_where, finite), out.perturbation_state, state.perturbation_state)
         return grads, TwoPointState(
             count=optax.safe_increment(state.count), key=key,
             num_nonfinite=state.num_nonfinite + jnp.logical_not(finite).astype(jnp.int32),
@@ -249,6 +250,136 @@ def tilted(smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
             chunk_size=chunk_size, **extra_args)
 
     return estimator_transform(estimate, seed, name="tilted")
+
+
+def block_two_point(smoothing, num_directions: int = 1, *, max_block_size: int,
+                    direction: str = "gaussian", block_coordinate: bool = True,
+                    seed=0) -> optax.GradientTransformationExtraArgs:
+    r"""ZO-I (``"gaussian"``) and ZO-coordinate (``"coordinate"``) on the blocks of
+    :func:`zojax.partition_blocks`: the baselines of :func:`natural`, with the same blocks,
+    block sampling and one-sided differences from one shared :math:`f(x)` per step.
+
+    .. math:: \hat g = \frac1q\sum_i \frac{f(x + \lambda u_i) - f(x)}{\lambda}\,u_i
+
+    with :math:`u_i \sim N(0, I)` on the step's block (:math:`\sqrt{N_b}\,e_j` for
+    ``"coordinate"``), zero elsewhere (:func:`zojax.blocks.block_perturbation`). Same
+    :class:`TwoPointState`, ``value_fn`` contract and non-finite policy as :func:`two_point`;
+    ``q + 1`` queries per step.
+
+    Args:
+        smoothing: :math:`\lambda > 0`; numeric, may be injected/vmapped.
+        num_directions: ``q`` (static).
+        max_block_size: :math:`N` (static).
+        direction: ``"gaussian"`` or ``"coordinate"`` (static).
+        block_coordinate: perturb one uniformly sampled block per step (else all at once).
+        seed: int seed or typed PRNG key.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> opt = block_two_point(0.01, 4, max_block_size=2)
+        >>> g, state = opt.update(None, opt.init(jnp.ones(5)), jnp.ones(5),
+        ...                       value_fn=lambda p: jnp.sum(p ** 2))
+        >>> int(state.num_queries), int(jnp.sum(g != 0)) <= 2
+        (5, True)
+    """
+    _checks.check_positive_finite("smoothing", smoothing)
+    _checks.check_positive_int("num_directions", num_directions)
+    perturbation = blocks.block_perturbation(max_block_size, direction,
+                                                  block_coordinate=block_coordinate)
+
+    def estimate(key, value_fn, params, perturbation_state, **extra_args):
+        return estimators.two_point_estimate(
+            value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
+            direction=perturbation, scheme="forward", perturbation_state=perturbation_state,
+            **extra_args)
+
+    return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
+                               name="block_two_point")
+
+
+def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: str = "softmax",
+            damping=0.1, ema=0.01, update_every=100, num_fisher_inputs=100,
+            jacobian: str = "zeroth_order", block_coordinate: bool = True,
+            max_fisher_blocks: int | None = None,
+            seed=0) -> optax.GradientTransformationExtraArgs:
+    r"""ZO-NP: zeroth-order estimates from natural (Fisher-shaped, block-diagonal) perturbations.
+
+    .. math::
+
+        \hat g = \frac1q\sum_i \frac{f(x + \lambda\,\delta\theta_i) - f(x)}{\lambda}\,
+        \delta\theta_i, \qquad \delta\theta_i = L_b r_i,\; r_i \sim N(0, I),\quad
+        L_b L_b^\top = \Sigma_b = (1 + \rho)(F_b + \rho I)^{-1}
+
+    on the step's block :math:`b` (zero elsewhere), so :math:`\mathbb{E}[\hat g \mid b] =
+    \Sigma_b \nabla_b f` on a quadratic. :math:`F_b` is the block's Fisher
+    :math:`\mathbb{E}_x[J_b^\top G J_b]` of the model outputs, started at :math:`I` and
+    refreshed every ``update_every`` steps with EMA weight ``ema``; see :mod:`zojax.blocks` for
+    the forms, the Jacobian estimates, the storage and the slot policy of
+    ``max_fisher_blocks``. The state is a :class:`TwoPointState` whose ``perturbation_state``
+    is a :class:`zojax.blocks.NaturalState`; ``num_queries`` counts the ``q + 1`` loss queries
+    of every step and the output rows of every Fisher refresh (Jacobian probes included).
+
+    The update takes the loss and the model outputs, at every step::
+
+        updates, state = opt.update(None, state, params, value_fn=lambda p: loss(p, batch),
+                                    output_fn=lambda p: model.apply(p, batch_x))
+
+    ``output_fn(params)`` returns outputs with a leading axis of inputs (logits ``(n, classes)``
+    for ``fisher="softmax"``); the Fisher uses the first ``num_fisher_inputs`` rows.
+    Non-finite losses or outputs: a zero update, counted in ``num_nonfinite``; the Fisher is not
+    updated from them.
+
+    Args:
+        smoothing: :math:`\lambda > 0` (numeric, may be injected/vmapped).
+        num_directions: ``q`` (static).
+        max_block_size: :math:`N`, entries per block (static).
+        fisher: ``"softmax"`` (:math:`G = \operatorname{diag}(p) - pp^\top`) or ``"gaussian"``
+            (:math:`G = I`).
+        damping: :math:`\rho > 0`.
+        ema: :math:`\alpha \in (0, 1]`.
+        update_every: steps between Fisher refreshes.
+        num_fisher_inputs: the rows of the outputs the Fisher averages over.
+        jacobian: ``"zeroth_order"`` (forward differences from output queries) or
+            ``"autodiff"`` (``jax.jvp``, white-box models).
+        block_coordinate: perturb and refresh one sampled block per step (else all blocks).
+        max_fisher_blocks: keep at most this many blocks' matrices (static; None: all, i.e.
+            :math:`2BN^2` float32 numbers).
+        seed: int seed or typed PRNG key.
+
+    Raises:
+        ValueError: an invalid argument, named (at construction); ``update`` without
+            ``output_fn`` (the message shows how to pass it).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = jnp.zeros((3, 2))
+        >>> logits = lambda p: jnp.array([[1.0, 2.0, 0.5]]) @ p
+        >>> loss = lambda p: -jax.nn.log_softmax(logits(p))[0, 0]
+        >>> opt = natural(0.01, 4, max_block_size=4, update_every=1)
+        >>> g, state = opt.update(None, opt.init(w), w, value_fn=loss, output_fn=logits)
+        >>> int(state.perturbation_state.num_refreshes)
+        1
+    """
+    _checks.check_positive_finite("smoothing", smoothing)
+    _checks.check_positive_int("num_directions", num_directions)
+    opts = blocks.NaturalOptions(max_block_size, fisher, damping, ema, update_every,
+                                      num_fisher_inputs, jacobian, block_coordinate,
+                                      max_fisher_blocks)
+    perturbation = blocks.natural_perturbation(**opts._asdict())
+
+    def estimate(key, value_fn, params, perturbation_state, *, output_fn=None, **extra_args):
+        del extra_args
+        partial = estimators.partial_estimate(
+            value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
+            direction=perturbation, scheme="forward", perturbation_state=perturbation_state)
+        value, grads, finite = estimators.finalize(partial, params)
+        state, refreshed, queries = blocks.refresh(opts, perturbation_state, key, params,
+                                                        output_fn, finite)
+        return estimators.Estimate(value, grads, finite & refreshed,
+                                   partial.num_queries + queries, state, guarded=True)
+
+    return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
+                               name="natural")
 
 
 def _check_learning_rate(learning_rate) -> None:
