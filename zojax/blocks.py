@@ -30,10 +30,13 @@ that block's Fisher is refreshed. The unconditional covariance is then :math:`\f
 \operatorname{blockdiag}(\Sigma_b)` (``cov_matvec``). With ``block_coordinate=False`` every block
 is perturbed at once and a refresh refreshes every block.
 
-Storage: :math:`F_b` and :math:`L_b` for at most :math:`M` blocks (``max_fisher_blocks``), two
-float32 arrays of shape :math:`(M, N, N)` updated in place; :math:`\Sigma_b` is never stored
-(:math:`L_b L_b^\top`). A block without a slot uses :math:`\Sigma = I`; when every slot is taken,
-a refresh takes the slot of the least recently refreshed block, which returns to :math:`I`.
+Storage: :math:`F_b` and :math:`L_b` for at most :math:`M` blocks (``max_fisher_blocks``), one
+float32 array of shape :math:`(M, 2, N, N)`, :math:`2MN^2` numbers; :math:`\Sigma_b` is never
+stored (:math:`L_b L_b^\top`). A step without a refresh reads one :math:`L_b` and writes nothing
+of it; a refresh writes one slot in place, provided the optimizer state is donated to the
+jitted step (``jax.jit(step, donate_argnums=...)``): otherwise every call copies the array.
+A block without a slot uses :math:`\Sigma = I`; when every slot is taken, a refresh takes the
+slot of the least recently refreshed block, which returns to :math:`I`.
 
 The block Jacobian (:func:`block_jacobian`), column by column:
 
@@ -257,25 +260,28 @@ def block_jacobian(output_fn, params, block: int | jax.Array, max_block_size: in
 
 
 def _fisher_from_jacobian(base, jac, fisher: str, num_inputs):
-    """``F = Σ_i w_i J_iᵀ G_i J_i`` over the rows of the outputs, ``w_i = [i < m] / min(n, m)``."""
+    """``F = Σ_i w_i J_iᵀ G_i J_i`` over the rows of the outputs, ``w_i = [i < m] / min(n, m)``.
+
+    Softmax: ``G_i = diag(p_i) − p_i p_iᵀ``, so ``F = R Rᵀ − V Vᵀ`` with ``R = J·√(w p)`` (the
+    Jacobian scaled in place: one Jacobian-sized buffer) and ``V = √w Σ_c p_c J_c`` (N, n).
+    """
+    if fisher == "softmax" and (base.ndim != 2 or base.shape[1] < 2):
+        raise ValueError("fisher='softmax' needs output_fn to return logits of shape (n, "
+                         f"classes) with classes >= 2; got outputs of shape {base.shape}.")
+    if base.ndim < 1:
+        raise ValueError("output_fn must return outputs with a leading axis of inputs, "
+                         "(n, ...); got a scalar.")
+    jac = jac.reshape(jac.shape[0], base.shape[0], -1)  # (N, n, outputs per row)
+    n = jac.shape[1]
+    weights = (jnp.arange(n) < num_inputs) / jnp.minimum(n, num_inputs).astype(jac.dtype)
     if fisher == "softmax":
-        if base.ndim != 2 or base.shape[1] < 2:
-            raise ValueError("fisher='softmax' needs output_fn to return logits of shape (n, "
-                             f"classes) with classes >= 2; got outputs of shape {base.shape}.")
         p = jax.nn.softmax(base.astype(jac.dtype), axis=-1)
-        centred = jac - jnp.einsum("jnc,nc->jn", jac, p)[..., None]
-        rows = jnp.sqrt(p)[None] * centred  # (A_i J_i), A_i = diag(√p) − √p pᵀ, AᵀA = G_i
+        mean = jnp.einsum("jnc,nc->jn", jac, p) * jnp.sqrt(weights)  # V
+        scaled = (jac * jnp.sqrt(weights[:, None] * p)).reshape(jac.shape[0], -1)  # R
+        fisher_matrix = scaled @ scaled.T - mean @ mean.T
     else:
-        if base.ndim < 1:
-            raise ValueError("output_fn must return outputs with a leading axis of inputs, "
-                             "(n, ...); got a scalar.")
-        rows = jac.reshape(jac.shape[0], base.shape[0], -1)
-    n = rows.shape[1]
-    count = jnp.minimum(n, num_inputs)
-    weights = (jnp.arange(n) < num_inputs) / count.astype(rows.dtype)
-    flat = rows.reshape(rows.shape[0], -1)
-    weighted = (rows * weights[None, :, None]).reshape(flat.shape)
-    fisher_matrix = weighted @ flat.T
+        scaled = (jac * jnp.sqrt(weights)[:, None]).reshape(jac.shape[0], -1)
+        fisher_matrix = scaled @ scaled.T
     return 0.5 * (fisher_matrix + fisher_matrix.T)
 
 
@@ -336,15 +342,30 @@ def covariance_factor(fisher, damping):
 
 
 class NaturalState(NamedTuple):
-    """State of :func:`natural_perturbation` (``M`` slots of blocks, ``B`` blocks, ``N`` size)."""
+    """State of :func:`natural_perturbation` (``M`` slots of blocks, ``B`` blocks, ``N`` size).
 
-    fisher: jax.Array  # (M, N, N) float32: F_b of the block in each slot (I when never set).
-    factor: jax.Array  # (M, N, N) float32: L_b, Σ_b = L_b L_bᵀ.
+    ``fisher`` and ``factor`` are views of ``matrices``: a refresh writes a block's F and L in one
+    in-place update (written separately, the second write's inputs would read the first array
+    after it was overwritten, and XLA copies the whole array to keep them apart).
+    """
+
+    # (M, 2, N, N) float32: per slot, F_b (I when never set) and L_b (Σ_b = L_b L_bᵀ).
+    matrices: jax.Array
     slot_of_block: jax.Array  # (B,) int32: each block's slot, -1 for none (Σ = I).
     block_of_slot: jax.Array  # (M,) int32: each slot's block, -1 when free.
     refreshed_at: jax.Array  # (M,) int32: the step of each slot's last refresh (-1: never).
     count: jax.Array  # int32 scalar: steps seen (a refresh when count % update_every == 0).
     num_refreshes: jax.Array  # int32 scalar: blocks refreshed so far.
+
+    @property
+    def fisher(self) -> jax.Array:
+        """(M, N, N): the Fisher F_b of the block in each slot."""
+        return self.matrices[:, 0]
+
+    @property
+    def factor(self) -> jax.Array:
+        """(M, N, N): the factor L_b of the block in each slot."""
+        return self.matrices[:, 1]
 
 
 def _check_bool(name, value):
@@ -408,45 +429,48 @@ def _num_slots(opts: NaturalOptions, lay: Layout) -> int:
 
 def _refresh_block(opts: NaturalOptions, state, params, output_fn, b, due, enabled):
     """Refresh block ``b`` when ``due``, keeping it unless ``enabled``: ``(state, finite,
-    queries)``, N² numbers written in place.
+    queries)``.
 
-    ``due`` is the branch's predicate: only the step count decides it, so under a ``vmap``
-    over seeds it stays unbatched and the Fisher is computed only at refresh steps (a batched
-    predicate would run both branches at every step). ``enabled`` only gates the write.
+    One ``lax.cond`` holds all of it, the writes included, so a step without a refresh touches
+    none of the (M, N, N) arrays (they pass through the branch in place). ``due`` only depends
+    on the step count: under a ``vmap`` over seeds it stays unbatched and the branch a real one
+    (a batched predicate would compute both branches at every step). ``enabled`` only gates
+    the write.
     """
     lay = layout(params, opts.max_block_size)
-    eye = jnp.eye(lay.size, dtype=state.fisher.dtype)
-    current = state.slot_of_block[b]
-    has_slot = current >= 0
-    # A block without a slot takes a free one, else the least recently refreshed one.
-    free_first = jnp.where(state.block_of_slot < 0, -2, state.refreshed_at)
-    slot = jnp.where(has_slot, current, jnp.argmin(free_first)).astype(jnp.int32)
-    old_fisher, old_factor = state.fisher[slot], state.factor[slot]
 
-    def fresh():
+    def fresh(state):
+        current = state.slot_of_block[b]
+        has_slot = current >= 0
+        # A block without a slot takes a free one, else the least recently refreshed one.
+        free_first = jnp.where(state.block_of_slot < 0, -2, state.refreshed_at)
+        slot = jnp.where(has_slot, current, jnp.argmin(free_first)).astype(jnp.int32)
+        old = state.matrices[slot]
+        old_fisher = old[0]
         new, finite, queries = block_fisher(output_fn, params, b, opts.max_block_size,
                                             fisher=opts.fisher, jacobian=opts.jacobian,
                                             num_fisher_inputs=opts.num_fisher_inputs)
-        previous = jnp.where(has_slot, old_fisher, eye)
+        previous = jnp.where(has_slot, old_fisher, jnp.eye(lay.size, dtype=old_fisher.dtype))
         mixed = jnp.where(finite, opts.ema * new + (1 - opts.ema) * previous, previous)
-        return mixed, covariance_factor(mixed, opts.damping), finite, queries
+        write = enabled & finite
+        evicted = state.block_of_slot[slot]
+        slot_of_block = state.slot_of_block.at[
+            jnp.where(evicted >= 0, evicted, lay.num_blocks)].set(-1, mode="drop").at[b].set(slot)
+        state = state._replace(
+            matrices=state.matrices.at[slot].set(jnp.where(
+                write, jnp.stack([mixed, covariance_factor(mixed, opts.damping)]), old)),
+            slot_of_block=jnp.where(write, slot_of_block, state.slot_of_block),
+            block_of_slot=jnp.where(write, state.block_of_slot.at[slot].set(b),
+                                    state.block_of_slot),
+            refreshed_at=jnp.where(write, state.refreshed_at.at[slot].set(state.count),
+                                   state.refreshed_at),
+            num_refreshes=state.num_refreshes + write.astype(jnp.int32))
+        return state, finite, queries
 
-    def skip():
-        return old_fisher, old_factor, jnp.array(True), jnp.zeros((), jnp.int32)
+    def skip(state):
+        return state, jnp.array(True), jnp.zeros((), jnp.int32)
 
-    new_fisher, new_factor, finite, queries = lax.cond(due, fresh, skip)
-    write = due & enabled & finite
-    evicted = state.block_of_slot[slot]
-    slot_of_block = state.slot_of_block.at[jnp.where(evicted >= 0, evicted, lay.num_blocks)].set(
-        -1, mode="drop").at[b].set(slot)
-    return state._replace(
-        fisher=state.fisher.at[slot].set(jnp.where(write, new_fisher, old_fisher)),
-        factor=state.factor.at[slot].set(jnp.where(write, new_factor, old_factor)),
-        slot_of_block=jnp.where(write, slot_of_block, state.slot_of_block),
-        block_of_slot=jnp.where(write, state.block_of_slot.at[slot].set(b), state.block_of_slot),
-        refreshed_at=jnp.where(write, state.refreshed_at.at[slot].set(state.count),
-                               state.refreshed_at),
-        num_refreshes=state.num_refreshes + write.astype(jnp.int32)), finite, queries
+    return lax.cond(due, fresh, skip, state)
 
 
 def refresh(opts: NaturalOptions, state: NaturalState, key, params, output_fn, enabled=True):
@@ -522,11 +546,11 @@ def natural_perturbation(max_block_size: int, *, fisher: str = "softmax", dampin
         lay = layout(params, max_block_size)
         slots = _num_slots(opts, lay)
         dtype = _backend.accumulator_dtype(_flat_dtype(params))
-        eye = jnp.broadcast_to(jnp.eye(lay.size, dtype=dtype), (slots, lay.size, lay.size))
+        eye = jnp.broadcast_to(jnp.eye(lay.size, dtype=dtype), (slots, 2, lay.size, lay.size))
         full = slots == lay.num_blocks  # then slot b holds block b, always
         block_ids = jnp.arange(lay.num_blocks, dtype=jnp.int32)
         return NaturalState(
-            fisher=eye, factor=eye,
+            matrices=eye,
             slot_of_block=block_ids if full else jnp.full(lay.num_blocks, -1, jnp.int32),
             block_of_slot=block_ids if full else jnp.full(slots, -1, jnp.int32),
             refreshed_at=jnp.full(slots, -1, jnp.int32),
@@ -537,21 +561,21 @@ def natural_perturbation(max_block_size: int, *, fisher: str = "softmax", dampin
             return ()
         lay = layout(params, max_block_size)
         b = _block_index(key, lay)
-        slot = state.slot_of_block[b]
-        factor = jnp.where(slot >= 0, state.factor[jnp.maximum(slot, 0)],
-                           jnp.eye(lay.size, dtype=state.factor.dtype))
-        return b, factor
+        return b, state.slot_of_block[b]
 
     def sample(key, params, state, context):
         lay = layout(params, max_block_size)
         dtype = _flat_dtype(params)
         if block_coordinate:
-            b, factor = context
-            r = _block_normal(key, params, lay, (lay.size,))
-            return _embed((factor @ r.astype(factor.dtype)).astype(dtype), b, params, lay)
+            b, slot = context
+            r = _block_normal(key, params, lay, (lay.size,)).astype(state.matrices.dtype)
+            shaped = state.matrices[jnp.maximum(slot, 0), 1] @ r
+            if state.matrices.shape[0] < lay.num_blocks:  # a block without a slot: Σ = I
+                shaped = jnp.where(slot >= 0, shaped, r)
+            return _embed(shaped.astype(dtype), b, params, lay)
         r = _block_normal(key, params, lay, (lay.num_blocks * lay.size,))
-        r = r.reshape(lay.num_blocks, lay.size).astype(state.factor.dtype)
-        flat = jnp.einsum("bij,bj->bi", state.factor, r).astype(dtype).reshape(-1)
+        r = r.reshape(lay.num_blocks, lay.size).astype(state.matrices.dtype)
+        flat = jnp.einsum("bij,bj->bi", state.matrices[:, 1], r).astype(dtype).reshape(-1)
         return _to_tree(flat[:lay.dim], params)
 
     def update(state, key, params, values, *, output_fn=None, **extra_args):
@@ -561,7 +585,7 @@ def natural_perturbation(max_block_size: int, *, fisher: str = "softmax", dampin
     def cov_matvec(state, v):
         lay = layout(v, max_block_size)
         blocks = _padded(_to_flat(v), lay).reshape(lay.num_blocks, lay.size)
-        blocks = blocks.astype(state.factor.dtype)
+        blocks = blocks.astype(state.matrices.dtype)
         # Σ_b v_b = L_b (L_bᵀ v_b) for the blocks with a slot; the others keep v_b (Σ = I).
         held = jnp.where(state.block_of_slot >= 0, state.block_of_slot, lay.num_blocks)
         picked = blocks.at[held].get(mode="fill", fill_value=0)

@@ -325,7 +325,9 @@ def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: 
                                     output_fn=lambda p: model.apply(p, batch_x))
 
     ``output_fn(params)`` returns outputs with a leading axis of inputs (logits ``(n, classes)``
-    for ``fisher="softmax"``); the Fisher uses the first ``num_fisher_inputs`` rows.
+    for ``fisher="softmax"``); the Fisher uses the first ``num_fisher_inputs`` rows. Donate the
+    optimizer state to a jitted step (``jax.jit(step, donate_argnums=...)``, or run the steps in
+    a ``lax.scan``): the :math:`2MN^2` floats of F and L are then updated in place.
     Non-finite losses or outputs: a zero update, counted in ``num_nonfinite``; the Fisher is not
     updated from them.
 
