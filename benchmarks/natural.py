@@ -61,8 +61,9 @@ from benchmarks.harness import (
     summary,
     table,
 )
-from experiments.models import MLPMixer, mixer_1_7m, num_params
+from experiments.models import MLPMixer, mixer_1_7m
 from experiments.tilted import MLP, digits_data
+from zojax.directions import num_params
 
 SMOOTHING, LEARNING_RATE = 1e-3, 0.01
 NO_REFRESH = 2**30  # update_every of the timed ZO-NP steps: none of them refreshes

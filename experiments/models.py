@@ -9,10 +9,7 @@
   perturbations paper's MLP-Mixer.
 """
 
-import math
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 
@@ -70,8 +67,3 @@ def mixer_1_7m(num_classes: int = 10) -> MLPMixer:
     patches (64 tokens), hidden width 192, token MLP 160, channel MLP 384, depth 10."""
     return MLPMixer(num_classes=num_classes, patch_size=4, hidden_dim=192, tokens_mlp_dim=160,
                     channels_mlp_dim=384, depth=10)
-
-
-def num_params(params) -> int:
-    """The number of entries of a parameter pytree (arrays or ``jax.ShapeDtypeStruct``)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
