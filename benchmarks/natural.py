@@ -61,8 +61,7 @@ from benchmarks.harness import (
     summary,
     table,
 )
-from experiments.models import MLPMixer, mixer_1_7m
-from experiments.tilted import MLP, digits_data
+from experiments.models import MLP, MLPMixer, digits_data, mixer_1_7m
 from zojax.directions import num_params
 
 SMOOTHING, LEARNING_RATE = 1e-3, 0.01

@@ -114,6 +114,15 @@ def counts_queries(opt_state) -> bool:
     return bool(optax.tree_utils.tree_get_all_with_path(opt_state, "num_queries"))
 
 
+def is_counter(path, x) -> bool:
+    """Whether a state leaf is a step counter: an integer scalar named ``count`` (optax's
+    convention, zojax's too), the same for every member of a program."""
+    last = path[-1] if path else None
+    name = getattr(last, "name", getattr(last, "key", None))
+    return name == "count" and jnp.ndim(x) <= 1 and jnp.issubdtype(jnp.result_type(x),
+                                                                    jnp.integer)
+
+
 def is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -151,7 +160,8 @@ def _member_chunk(program: Program, state: TrainState, gaps, start, data_key, ar
     ``program.metrics_batch`` evaluations the states reached are checked: an evaluation fails
     when its loss is not finite or the estimator skipped a non-finite step (``num_nonfinite``
     grew); from the first failure on, the metrics are NaN and the member goes on from its last
-    good state (its PRNG keys move on: with shared keys they are the same for every member).
+    good state (its PRNG keys and step counters move on: with shared keys they are the same for
+    every member, and counters always are).
     Returns the state, the metrics and the optimizer's query count at each evaluation (-1
     without one).
     """
@@ -183,7 +193,8 @@ def _member_chunk(program: Program, state: TrainState, gaps, start, data_key, ar
         failed = state.failed | (jnp.cumsum(bad) > 0)
         good = jnp.sum(~failed) - 1  # the last good evaluation (failures are final), or -1
         pick = functools.partial(
-            jax.tree.map, lambda old, new, final: final if is_key(final)
+            jax.tree_util.tree_map_with_path,
+            lambda path, old, new, final: final if is_key(final) or is_counter(path, final)
             else jnp.where(good < 0, old, new[jnp.maximum(good, 0)]))
         last_params = jax.tree.map(lambda x: x[-1], params)
         state = TrainState(pick(state.params, params, last_params),
@@ -214,7 +225,11 @@ def train_chunk(program: Program, state: TrainState, gaps, start, data_key, arra
         out = chunk(squeeze(state), gaps, start, data_key, arrays, squeeze(traced))
         return jax.tree.map(lambda x: x[None], out)
     # Shared keys enter (and leave) the vmap unbatched: one draw per step for all members.
-    axes = jax.tree.map(lambda x: None if program.shared_keys and is_key(x) else 0, state)
+    # So do step counters (every member steps together): a branch on one (a Fisher refresh
+    # every k steps) stays a branch, where a batched predicate would run it at every step.
+    axes = jax.tree_util.tree_map_with_path(
+        lambda path, x: None if (program.shared_keys and is_key(x)) or is_counter(path, x)
+        else 0, state)
     state = jax.tree.map(lambda x, axis: x if axis == 0 else x[0], state, axes)
     state, metrics, queries = jax.vmap(chunk, in_axes=(axes, None, None, None, None, 0),
                                        out_axes=(axes, 0, 0))(

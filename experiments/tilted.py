@@ -22,15 +22,14 @@ smallest λ_max (w = 0) sit apart; (c) ``logistic``, logistic regression on a7a'
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 import zojax
 from experiments import runner
+from experiments.models import MLP, accuracy, cross_entropy, digits_data
 from zojax.problems import linear, test_function, two_scales
 
 NAME = "tilted"
@@ -188,52 +187,21 @@ def logistic_problem(config) -> tuple[runner.Problem, str]:
     return problem, name
 
 
-class MLP(nn.Module):
-    """64 → hidden (tanh) → 10 logits."""
-
-    hidden: int
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(10)(jnp.tanh(nn.Dense(self.hidden)(x)))
-
-
-def _cross_entropy(params, model, inputs, labels):
-    logits = model.apply({"params": params}, inputs)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
 def _mlp_batch_loss(params, batch, model):
-    return _cross_entropy(params, model, *batch)
+    return cross_entropy(params, model, *batch)
 
 
 def _mlp_train_loss(params, model, inputs, labels, test_inputs, test_labels):
     del test_inputs, test_labels
-    return _cross_entropy(params, model, inputs, labels)
+    return cross_entropy(params, model, inputs, labels)
 
 
 def _mlp_metrics(settings, params, model, inputs, labels, test_inputs, test_labels):
-    def accuracy(x, y):
-        return jnp.mean(jnp.argmax(model.apply({"params": params}, x), axis=-1) == y)
-
-    return {"loss": _cross_entropy(params, model, inputs, labels),
-            **curvature(_cross_entropy, params, model, inputs, labels, **settings),
-            "train_accuracy": accuracy(inputs, labels),
-            "test_loss": _cross_entropy(params, model, test_inputs, test_labels),
-            "test_accuracy": accuracy(test_inputs, test_labels)}
-
-
-def digits_data(seed: int = 0):
-    """scikit-learn's digits (embedded): pixels / 16, a fixed 80/20 split by ``seed``."""
-    from sklearn.datasets import load_digits  # lazy: only this problem needs it
-
-    digits = load_digits()
-    order = np.random.default_rng(seed).permutation(len(digits.target))
-    inputs = (digits.data[order] / 16.0).astype(np.float32)
-    labels = digits.target[order].astype(np.int32)
-    cut = int(0.8 * len(labels))
-    return (jnp.asarray(inputs[:cut]), jnp.asarray(labels[:cut]), jnp.asarray(inputs[cut:]),
-            jnp.asarray(labels[cut:]))
+    return {"loss": cross_entropy(params, model, inputs, labels),
+            **curvature(cross_entropy, params, model, inputs, labels, **settings),
+            "train_accuracy": accuracy(params, model, inputs, labels),
+            "test_loss": cross_entropy(params, model, test_inputs, test_labels),
+            "test_accuracy": accuracy(params, model, test_inputs, test_labels)}
 
 
 def digits_mlp_problem(config) -> runner.Problem:

@@ -1,6 +1,7 @@
 """LIBSVM parsing, the data-directory rule, (mocked) downloads and the synthetic stand-in."""
 
 import bz2
+import gzip
 import io
 from pathlib import Path
 
@@ -206,3 +207,81 @@ def test_real_libsvm_files(name, shapes, positives):
     assert (int(np.sum(data.train_labels > 0)), int(np.sum(data.test_labels > 0))) == positives
     assert set(np.unique(data.train_labels)) == {-1.0, 1.0}
     assert set(np.unique(data.train_inputs)) == {0.0, 1.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files
+
+
+def _write_idx(path, array, gz=False):
+    array = np.asarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def _idx_folder(root, name="mnist", n_train=5, n_test=3, gz=False):
+    folder = root / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images_file, labels_file = datasets.IDX_FILES[split]
+        images = rng.integers(0, 256, (n, 4, 3))
+        labels = rng.integers(0, 10, n)
+        _write_idx(folder / (images_file + (".gz" if gz else "")), images, gz)
+        _write_idx(folder / (labels_file + (".gz" if gz else "")), labels, gz)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_idx_reads_plain_and_gzipped_files(tmp_path, gz):
+    arrays = _idx_folder(tmp_path, "fashion_mnist", gz=gz)
+    (x, y), (x_test, y_test) = datasets.load_idx("fashion_mnist", data_dir=tmp_path)
+    assert x.shape == (5, 4, 3) and x_test.shape == (3, 4, 3)
+    assert x.dtype == np.float32 and y.dtype == np.int32
+    np.testing.assert_allclose(x, arrays["train"][0] / 255, rtol=1e-6)
+    np.testing.assert_array_equal(y_test, arrays["test"][1])
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_load_idx_reads_the_data_dir_from_the_environment(tmp_path, monkeypatch):
+    _idx_folder(tmp_path)
+    monkeypatch.setenv("ZOJAX_DATA_DIR", str(tmp_path))
+    assert datasets.load_idx("mnist")[0][0].shape == (5, 4, 3)
+
+
+def test_load_idx_says_which_files_to_put_where(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.load_idx("mnist", data_dir=tmp_path)
+    for files in datasets.IDX_FILES.values():
+        for f in files:
+            assert str(tmp_path / "mnist" / f) in str(error.value)
+    _idx_folder(tmp_path)
+    (tmp_path / "mnist" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        datasets.load_idx("mnist", data_dir=tmp_path)
+    assert "t10k-labels-idx1-ubyte" in str(error.value)
+    assert "train-images" not in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncated", "count"])
+def test_load_idx_names_a_malformed_file(tmp_path, damage):
+    _idx_folder(tmp_path)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    data = path.read_bytes()
+    if damage == "magic":
+        path.write_bytes(bytes([0, 0, 0x08, 0x01]) + data[4:])
+    elif damage == "truncated":
+        path.write_bytes(data[:-5])
+    else:
+        _write_idx(path, np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
+        datasets.load_idx("mnist", data_dir=tmp_path)
+
+
+def test_load_idx_rejects_an_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match="name must be one of"):
+        datasets.load_idx("cifar10", data_dir=tmp_path)

@@ -2,11 +2,13 @@
 
 Root folder: ``data_dir`` if given, else ``$ZOJAX_DATA_DIR``, else ``$XDG_CACHE_HOME/zojax``
 (default ``~/.cache/zojax``). LIBSVM files live in ``<root>/libsvm/<name>`` and
-``<root>/libsvm/<name>.t`` (``.bz2`` copies are read too). Nothing is downloaded unless
-``download=True``.
+``<root>/libsvm/<name>.t`` (``.bz2`` copies are read too), IDX files (MNIST, FashionMNIST) in
+``<root>/<name>/`` (``.gz`` copies are read too). Nothing is downloaded unless
+``download=True`` (LIBSVM only).
 """
 
 import bz2
+import gzip
 import os
 import shutil
 import urllib.request
@@ -279,3 +281,82 @@ def synthetic_libsvm(seed: int = 0, like: str = "a5a") -> LibsvmData:
     labels = labels.astype(np.float32)
     split = info.train_rows
     return LibsvmData(inputs[:split], labels[:split], inputs[split:], labels[split:], "synthetic")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX files (MNIST, FashionMNIST).
+
+IDX_DATASETS = ("mnist", "fashion_mnist")
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def parse_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
+    """The uint8 array of an IDX file (plain or ``.gz``) of ``ndim`` dimensions.
+
+    Raises:
+        ValueError: the magic number is not that of unsigned bytes in ``ndim`` dimensions, or
+            the file is shorter or longer than its header says (the message names the file).
+    """
+    path = Path(path)
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    header = 4 + 4 * ndim
+    if len(data) < 4 or data[:3] != bytes([0, 0, 0x08]) or data[3] != ndim:
+        magic = data[:4].hex() if len(data) >= 4 else "missing"
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes in {ndim} dimensions "
+                         f"(magic number 0x{magic}, expected 0x000008{ndim:02x}).")
+    if len(data) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(data)} bytes).")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(shape))
+    if len(data) - header != size:
+        raise ValueError(f"{path}: the header says {shape} = {size} bytes of data, the file "
+                         f"holds {len(data) - header}: truncated or not an IDX file.")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def load_idx(name: str, data_dir: str | os.PathLike | None = None):
+    """MNIST or FashionMNIST from IDX files: ``((x_train, y_train), (x_test, y_test))``.
+
+    Files are read from ``<root>/<name>/`` (root as in :func:`data_root`):
+    ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+    ``t10k-labels-idx1-ubyte``, each plain or ``.gz``. Nothing is downloaded.
+
+    Args:
+        name: ``"mnist"`` or ``"fashion_mnist"``.
+        data_dir: root folder holding ``<name>/``; overrides ``$ZOJAX_DATA_DIR`` and the cache.
+
+    Returns:
+        Images float32 in [0, 1] of shape (n, rows, cols), labels int32 of shape (n,).
+
+    Raises:
+        ValueError: an unknown name; a malformed file (bad magic number, truncated), named; image
+            and label counts that differ.
+        FileNotFoundError: files missing; lists the full paths expected.
+
+    Example:
+        >>> (x, y), (x_test, y_test) = load_idx("mnist")  # doctest: +SKIP
+        >>> x.shape, x.dtype, y.dtype  # doctest: +SKIP
+        ((60000, 28, 28), dtype('float32'), dtype('int32'))
+    """
+    if name not in IDX_DATASETS:
+        raise ValueError(f"name must be one of {IDX_DATASETS}, got {name!r}.")
+    folder = data_root(data_dir) / name
+    found = {f: next((c for c in (folder / f, folder / f"{f}.gz") if c.is_file()), None)
+             for files in IDX_FILES.values() for f in files}
+    missing = [f for f, path in found.items() if path is None]
+    if missing:
+        expected = "\n".join(f"  {folder / f}[.gz]" for f in missing)
+        raise FileNotFoundError(
+            f"IDX dataset {name!r} not found. Put these files (plain or gzipped) here:\n"
+            f"{expected}\nor point data_dir= or $ZOJAX_DATA_DIR at a folder that contains "
+            f"{name}/.")
+    splits = []
+    for images_file, labels_file in IDX_FILES.values():
+        images = parse_idx(found[images_file], 3)
+        labels = parse_idx(found[labels_file], 1)
+        if len(images) != len(labels):
+            raise ValueError(f"{found[images_file]} holds {len(images)} images but "
+                             f"{found[labels_file]} {len(labels)} labels.")
+        splits.append((images.astype(np.float32) / 255, labels.astype(np.int32)))
+    return tuple(splits)
