@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from zojax import _backend, _checks, directions
 from zojax.directions import Perturbation
@@ -84,7 +85,7 @@ class Layout(NamedTuple):
 
 def layout(params, max_block_size: int) -> Layout:
     """The :class:`Layout` of ``params`` (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
-    dim = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    dim = directions.num_params(params)
     size = max(1, min(max_block_size, dim))
     return Layout(dim, size, max(1, -(-dim // size)))
 
@@ -117,12 +118,12 @@ def _flat_dtype(params):
 
 
 def _to_flat(tree):
-    return jnp.concatenate([jnp.ravel(leaf).astype(_flat_dtype(tree))
-                            for leaf in jax.tree.leaves(tree)])
+    return ravel_pytree(tree)[0]
 
 
 def _to_tree(flat, like):
-    """The inverse of :func:`_to_flat` for the shapes and dtypes of ``like``."""
+    """The inverse of :func:`_to_flat` for the shapes and dtypes of ``like`` (which may hold
+    ``jax.ShapeDtypeStruct`` leaves: ``ravel_pytree``'s unravel needs arrays)."""
     leaves, treedef = jax.tree.flatten(like)
     out, offset = [], 0
     for leaf in leaves:
@@ -146,7 +147,7 @@ def _block_index(key, lay: Layout):
     return jax.random.randint(jax.random.fold_in(key, _BLOCK_TAG), (), 0, lay.num_blocks)
 
 
-def _block_normal(key, like, lay: Layout, shape):
+def _block_normal(key, like, shape):
     return _backend.normal(key, shape, _flat_dtype(like))
 
 
@@ -189,13 +190,13 @@ def block_perturbation(max_block_size: int, direction: str = "gaussian", *,
         lay = layout(params, max_block_size)
         if block_coordinate:
             if direction == "gaussian":
-                block = _block_normal(key, params, lay, (lay.size,))
+                block = _block_normal(key, params, (lay.size,))
             else:
                 block = _coordinate_block(key, context, params, lay)
             return _embed(block, context, params, lay)
         if direction == "coordinate":
             return directions.coordinate(key, params)
-        flat = _block_normal(key, params, lay, (lay.num_blocks * lay.size,))
+        flat = _block_normal(key, params, (lay.num_blocks * lay.size,))
         return _to_tree(flat[:lay.dim], params)
 
     def update(state, key, params, values, **extra_args):
@@ -568,12 +569,12 @@ def natural_perturbation(max_block_size: int, *, fisher: str = "softmax", dampin
         dtype = _flat_dtype(params)
         if block_coordinate:
             b, slot = context
-            r = _block_normal(key, params, lay, (lay.size,)).astype(state.matrices.dtype)
+            r = _block_normal(key, params, (lay.size,)).astype(state.matrices.dtype)
             shaped = state.matrices[jnp.maximum(slot, 0), 1] @ r
             if state.matrices.shape[0] < lay.num_blocks:  # a block without a slot: Σ = I
                 shaped = jnp.where(slot >= 0, shaped, r)
             return _embed(shaped.astype(dtype), b, params, lay)
-        r = _block_normal(key, params, lay, (lay.num_blocks * lay.size,))
+        r = _block_normal(key, params, (lay.num_blocks * lay.size,))
         r = r.reshape(lay.num_blocks, lay.size).astype(state.matrices.dtype)
         flat = jnp.einsum("bij,bj->bi", state.matrices[:, 1], r).astype(dtype).reshape(-1)
         return _to_tree(flat[:lay.dim], params)
