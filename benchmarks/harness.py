@@ -198,7 +198,7 @@ class Check:
     name: str
     value: float
     target: float | None  # None: reported only.
-    unit: str = "x"  # "x": a ratio; "s": seconds.
+    unit: str = "x"  # "x": a ratio; "s": seconds; "": a plain number.
 
     @property
     def verdict(self) -> str:
@@ -210,10 +210,12 @@ class Check:
         if math.isnan(self.value):
             value = "n/a"
         else:
-            value = f"{self.value:.3f}{self.unit}" if self.unit == "x" else f"{self.value:.1f} s"
+            value = {"x": f"{self.value:.3f}x", "": f"{self.value:.2f}"}.get(
+                self.unit, f"{self.value:.1f} s")
         if self.target is None:
             return f"  {self.name:<62} {value:>10}"
-        target = (f"<= {self.target:.3g}x" if self.unit == "x" else f"< {self.target:.0f} s")
+        target = {"x": f"<= {self.target:.3g}x", "": f"<= {self.target:.3g}"}.get(
+            self.unit, f"< {self.target:.0f} s")
         return f"  {self.name:<62} {value:>10}   target {target:<9} {self.verdict}"
 
 
