@@ -21,6 +21,10 @@ The port follows Hugging Face's ``BertModel`` as sentence-transformers runs it f
   inputs truncated at ``max_seq_length`` = 256 (``sentence_bert_config.json``; the 128 and the
   padding of ``tokenizer.json`` are not used).
 
+Checked against Hugging Face's own ``FlaxBertModel`` (transformers 4.46.3, which reads the same
+``model.safetensors`` without torch) on four sentences: the embeddings agree to 1.1e-7 (values
+recorded in ``tests/test_minilm.py``).
+
 Trained parameters: everything but ``embeddings.position_ids`` (an int64 buffer) and the pooler
 (``pooler.dense``, unused by mean pooling): 22,565,376 of the file's 22,713,728 values.
 
