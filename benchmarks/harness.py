@@ -248,15 +248,21 @@ def summary(started: float) -> int:
 # Memory.
 
 
+def memory_bytes(compiled) -> int:
+    """argument + output + temp − alias bytes of a compiled program (``jit(...).lower(...)
+    .compile()``): what it holds at its peak, donated inputs counted once."""
+    stats = compiled.memory_analysis()
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
 def compiled_bytes(fn, *args, donate: bool = False) -> int:
-    """argument + output + temp − alias bytes of ``jit(fn)`` compiled for ``args`` (the first
-    argument donated with ``donate``)."""
+    """:func:`memory_bytes` of ``jit(fn)`` compiled for ``args`` (the first argument donated
+    with ``donate``)."""
     import jax
 
     jitted = jax.jit(fn, donate_argnums=0) if donate else jax.jit(fn)
-    stats = jitted.lower(*args).compile().memory_analysis()
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    return memory_bytes(jitted.lower(*args).compile())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,17 @@ import numpy as np
 import optax
 
 import zojax
-from benchmarks.harness import check, interleaved, ms, ratio, say, spread, summary, table
+from benchmarks.harness import (
+    check,
+    interleaved,
+    memory_bytes,
+    ms,
+    ratio,
+    say,
+    spread,
+    summary,
+    table,
+)
 from experiments import minilm
 from zojax.directions import num_params
 
@@ -123,10 +133,11 @@ def program_bytes(fn, *args, donate=()) -> dict:
     ``ShapeDtypeStruct``s): argument, output, temp, alias, and total = argument + output +
     temp − alias (as :func:`benchmarks.harness.compiled_bytes`), and the compile seconds."""
     start = time.perf_counter()
-    stats = jax.jit(fn, donate_argnums=donate).lower(*args).compile().memory_analysis()
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    stats = compiled.memory_analysis()
     parts = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
-             "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes}
-    parts["total"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+             "temp": stats.temp_size_in_bytes, "alias": stats.alias_size_in_bytes,
+             "total": memory_bytes(compiled)}
     parts["seconds"] = time.perf_counter() - start
     return parts
 

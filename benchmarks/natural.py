@@ -54,6 +54,7 @@ import zojax
 from benchmarks.harness import (
     check,
     interleaved,
+    memory_bytes,
     ms,
     ratio,
     say,
@@ -311,9 +312,7 @@ def step_bytes(workload: Workload, estimator, params, batch, block_shape: str | 
 
     state = jax.eval_shape(opt.init, params)
     compiled = jax.jit(step, donate_argnums=0).lower(state, params, batch).compile()
-    stats = compiled.memory_analysis()
-    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    total = memory_bytes(compiled)
     copies = hlo_copies(compiled.as_text(), block_shape) if block_shape else 0
     return total, copies
 
