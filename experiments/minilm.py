@@ -187,21 +187,26 @@ def params_from_safetensors(weights: dict, config: BertConfig) -> dict:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tokenizer:
-    """``tokenizer(sentences) -> (ids, mask)``, int32 (n, length) padded to the longest (at most
-    ``max_length`` tokens, [CLS] and [SEP] included)."""
+    """``tokenizer(sentences, length=None) -> (ids, mask)``, int32 (n, length): padded to the
+    longest row (at most ``max_length`` tokens, [CLS] and [SEP] included), or truncated and
+    padded to exactly ``length`` tokens (one shape for every batch: one compilation)."""
 
-    encode: object  # sentences -> list of id lists, already truncated
+    encode: object  # sentences -> list of id lists, already truncated at max_length
     max_length: int
     pad_id: int = 0
 
-    def __call__(self, sentences):
+    def __call__(self, sentences, length: int | None = None):
         if isinstance(sentences, str) or not len(sentences):
             raise ValueError("sentences must be a non-empty list of strings, got "
                              f"{sentences!r}.")
+        if length is not None and not 2 <= length <= self.max_length:
+            raise ValueError(f"length must be None or in [2, {self.max_length}], got {length}.")
         rows = self.encode(list(sentences))
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
+        if length is not None:  # keep [CLS] ... [SEP], as the tokenizer truncates
+            rows = [r if len(r) <= length else [*r[:length - 1], r[-1]] for r in rows]
+        width = length or max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), width), np.int32)
         for i, r in enumerate(rows):
             ids[i, :len(r)], mask[i, :len(r)] = r, 1
         return ids, mask

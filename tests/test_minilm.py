@@ -55,6 +55,26 @@ def test_tokenizer_round_trip_and_truncation(loaded):
     assert ids.shape == (2, 256) and mask[0].sum() == 256 and mask[1].sum() == 3  # not 128
 
 
+
+@needs_model
+def test_a_fixed_length_truncates_as_the_tokenizer_does(loaded):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm.model_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=16)
+    sentences = [" ".join(["word"] * 40) + " end", "short one"]
+    ids, mask = loaded.tokenizer(sentences, length=16)
+    assert ids.shape == mask.shape == (2, 16)
+    assert ids[0].tolist() == tok.encode(sentences[0]).ids  # [CLS] ... [SEP] kept
+    assert mask[1].sum() == len(tok.encode(sentences[1]).ids)
+    free, free_mask = loaded.tokenizer(sentences[1:])
+    fixed = loaded.embed(loaded.params, ids[1:], mask[1:])
+    np.testing.assert_allclose(fixed, loaded.embed(loaded.params, free, free_mask), atol=1e-5)
+    for bad in (1, 257):
+        with pytest.raises(ValueError, match="length"):
+            loaded.tokenizer(sentences, length=bad)
+
 @needs_model
 def test_embed_shapes_norms_and_similarity():
     sentences = ["A man is eating food.", "A man is eating a piece of bread.",
