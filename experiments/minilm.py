@@ -67,7 +67,10 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(config.layer_norm_eps, use_fast_variance=False, name=name)
 
 
-class _Layer(nn.Module):
+class BertLayer(nn.Module):
+    """One post-LayerNorm block: hidden states (n, length, width) and a boolean mask (n, length)
+    → hidden states."""
+
     config: BertConfig
 
     @nn.compact
@@ -94,12 +97,12 @@ class _Layer(nn.Module):
 
 class BertEncoder(nn.Module):
     """Token ids (n, length) and an attention mask (n, length) → last hidden states
-    (n, length, hidden_size)."""
+    (n, length, hidden_size); with ``num_layers``, the hidden states after that many layers."""
 
     config: BertConfig = BertConfig()
 
     @nn.compact
-    def __call__(self, ids, mask):
+    def __call__(self, ids, mask, num_layers: int | None = None):
         c = self.config
         positions = jnp.arange(ids.shape[1])
         x = (nn.Embed(c.vocab_size, c.hidden_size, name="word_embeddings")(ids)
@@ -109,8 +112,8 @@ class BertEncoder(nn.Module):
                         name="token_type_embeddings")(jnp.zeros_like(ids)))
         x = _layer_norm(c, "embeddings_norm")(x)
         mask = mask.astype(bool)
-        for i in range(c.num_layers):
-            x = _Layer(c, name=f"layer_{i}")(x, mask)
+        for i in range(c.num_layers if num_layers is None else num_layers):
+            x = BertLayer(c, name=f"layer_{i}")(x, mask)
         return x
 
 
