@@ -312,7 +312,8 @@ def metrics(params, model, train, test, trace_batch, *, curvature: Curvature):
 
 
 def batched(ids, mask, labels, batch_size: int):
-    """``(ids, mask, labels, weights)`` padded to whole batches and stacked: (batches, rows, ...)."""
+    """``(ids, mask, labels, weights)`` padded to whole batches and stacked: (batches, rows,
+    ...)."""
     n = len(labels)
     rows = -(-n // batch_size) * batch_size
 
@@ -461,7 +462,7 @@ def table(results: dict) -> str:
     for run in results["runs"]:
         h = run["hparams"]
 
-        def pair(metric, fmt=".3g"):
+        def pair(metric, fmt=".3g", run=run):
             return f"{_value(run, metric, 0):{fmt}} → {_value(run, metric, -1):{fmt}}"
 
         lines.append(f"| {h['task']} | {run['name'].split('/', 1)[1]} | {run['steps'][-1]} | "
