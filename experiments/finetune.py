@@ -225,8 +225,7 @@ def load_task(name: str, k: int, split: str | None, data_dir=None, seed: int = 0
     if len(test_labels) > MAX_TEST:
         test_sentences, test_labels = _take(test_sentences, test_labels, np.sort(
             rng.choice(len(test_labels), MAX_TEST, replace=False)))
-    source = str(train.relative_to(text)) if split is not None else f"{train.relative_to(text)}" \
-        f" ({k} per class, data seed {seed})"
+    source = str(train.relative_to(text)) + ("" if split else f" ({k} per class, seed {seed})")
     return Task(name, num_classes, sentences, labels, test_sentences, test_labels, source)
 
 
