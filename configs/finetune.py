@@ -10,7 +10,9 @@ The default is sized for this 2-core CPU (about 17 minutes): SST-2 from the LM-B
 and Adam 100 steps, metrics every 100 steps. Learning rates: at the probed start on SST-2 the
 loss has tr H ≈ 650 and λ_max ≈ 15; a ZO-SGD step lowers the expected loss only for
 η < 2 / tr H, so ZO and ZEST take η = 5e-4 ≈ 0.3 / tr H (MeZO's 1e-6 to 1e-7 on RoBERTa-large
-needs its 100,000 steps) and SGD η = 3e-2 ≈ 0.5 / λ_max. ``:paper`` takes
+needs its 100,000 steps) and SGD η = 3e-2 ≈ 0.5 / λ_max. TREC and SST-5 start sharper
+(tr H ≈ 1,750–2,000): there ZO and ZEST need ``--config.zo.learning_rate=1e-4
+--config.zest.learning_rate=1e-4`` (at 5e-4 they diverge). ``:paper`` takes
 the paper's Figure 3 budgets (K = 256 sampled per class, minibatches of 64, 100,000 ZO steps:
 days on this CPU). ``:smoke`` runs the embedded random 2-layer model on the synthetic task in
 seconds: it needs neither the data nor the model package.
