@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 import zojax
 from experiments.spec import (
@@ -87,6 +88,10 @@ class Program:
     # Every member has the same seed, so the same PRNG keys at every step: the vmapped program
     # draws each direction once for all members (common random numbers) instead of once each.
     shared_keys: bool = False
+    # config.mesh_shape: the sharding the estimators split their directions with (given to
+    # the method as hparams["directions_sharding"]) and the one of the members axis.
+    directions_sharding: NamedSharding | None = None
+    members_sharding: NamedSharding | None = None
 
 
 class Arrays(NamedTuple):
@@ -99,6 +104,8 @@ class Arrays(NamedTuple):
 
 def _optimizer(program: Program, traced) -> optax.GradientTransformationExtraArgs:
     hparams = {**dict(program.static), **traced}
+    if program.directions_sharding is not None:
+        hparams["directions_sharding"] = program.directions_sharding
     key = jax.random.key(hparams.get("seed", 0), impl=program.rng_impl)
     return optax.with_extra_args_support(program.method.optimizer(key, hparams))
 
@@ -220,6 +227,16 @@ def train_chunk(program: Program, state: TrainState, gaps, start, data_key, arra
     """
     chunk = functools.partial(_member_chunk, program)
     size = jax.tree.leaves(state)[0].shape[0]
+    if program.members_sharding is not None:  # members split over the mesh (also the outputs)
+        constrain = functools.partial(jax.lax.with_sharding_constraint,
+                                      shardings=program.members_sharding)
+        state, metrics, queries = _train_chunk(program, constrain(state), gaps, start, data_key,
+                                               arrays, constrain(traced), chunk, size)
+        return constrain(state), metrics, queries
+    return _train_chunk(program, state, gaps, start, data_key, arrays, traced, chunk, size)
+
+
+def _train_chunk(program: Program, state, gaps, start, data_key, arrays, traced, chunk, size):
     if size == 1:  # one member: its standalone program, unbatched
         squeeze = functools.partial(jax.tree.map, lambda x: x[0])
         out = chunk(squeeze(state), gaps, start, data_key, arrays, squeeze(traced))
@@ -332,6 +349,7 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
     if not names or len(set(names)) < len(names):
         raise ConfigError(f"an experiment needs members with distinct names, got {names}.")
     metrics_batch = config.get("metrics_batch", 1) if config is not None else 1
+    mesh = make_mesh(config.get("mesh_shape")) if config is not None else None
     groups: dict[tuple, Group] = {}
     problems: dict[int, tuple] = {}  # id -> (arrays, static parts), split and checked once
     for index, member in enumerate(experiment.members):
@@ -369,12 +387,69 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
         seeds = {m.hparams.get("seed", 0) for m in group.members}
         group.program = dataclasses.replace(group.program, shared_keys=len(seeds) == 1)
         if config is not None:
+            group.program = dataclasses.replace(
+                group.program, **shardings(mesh, len(group.members)))
             group.steps = eval_steps(config, num_steps)
             size = chunk_size(len(group.steps), config.evals_per_chunk)
             batch = min(metrics_batch, size)
             group.size = -(-size // batch) * batch
             group.program = dataclasses.replace(group.program, metrics_batch=batch)
     return list(groups.values())
+
+
+MESH_AXES = ("directions", "members")
+
+
+def make_mesh(mesh_shape) -> jax.sharding.Mesh | None:
+    """The mesh of ``config.mesh_shape`` (axis name → size, names in :data:`MESH_AXES`) on the
+    first devices, or None (one device) when it is None or empty.
+
+    Raises:
+        ConfigError: an unknown axis name (the message lists the known ones), a size that is not
+            a positive int, more devices than there are.
+    """
+    if not mesh_shape:
+        return None
+    shape = dict(mesh_shape)
+    unknown = [name for name in shape if name not in MESH_AXES]
+    if unknown:
+        raise ConfigError(f"config.mesh_shape: unknown axis {unknown[0]!r}; the axes are "
+                          f"{MESH_AXES}.")
+    for name, size in shape.items():
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"config.mesh_shape.{name} must be a positive int, got {size!r}.")
+    needed, available = int(np.prod(list(shape.values()))), jax.device_count()
+    if needed > available:
+        raise ConfigError(f"config.mesh_shape {shape} needs {needed} devices; there are "
+                          f"{available} (on CPU, XLA_FLAGS=--xla_force_host_platform_device_count"
+                          f"={needed} makes more).")
+    # Auto axes: the runner's programs index and reshape member-stacked arrays freely, and
+    # XLA places them (explicit axes would make every such op state its output sharding).
+    return jax.make_mesh(tuple(shape.values()), tuple(shape),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                         devices=jax.devices()[:needed])
+
+
+def shardings(mesh: jax.sharding.Mesh | None, num_members: int) -> dict:
+    """The :class:`Program` shardings of a group of ``num_members`` on ``mesh``: directions over
+    its ``directions`` axis; members over its ``members`` axis when they split evenly over it
+    (a group that does not, a single member for one, runs replicated on that axis)."""
+    if mesh is None:
+        return {}
+    out = {}
+    if "directions" in mesh.axis_names:
+        out["directions_sharding"] = NamedSharding(mesh, PartitionSpec("directions"))
+    members = mesh.shape.get("members", 1)
+    if members > 1 and num_members > 1 and num_members % members == 0:
+        out["members_sharding"] = NamedSharding(mesh, PartitionSpec("members"))
+    return out
+
+
+def place(group: "Group") -> None:
+    """Puts the group's state and traced hyperparameters on its members sharding (if any)."""
+    sharding = group.program.members_sharding
+    if sharding is not None:
+        group.state, group.traced = jax.device_put((group.state, group.traced), sharding)
 
 
 def lower_and_compile(program: Program, args) -> tuple[Callable, float]:
@@ -387,13 +462,15 @@ def compile_groups(groups: list[Group], data_key, pool: concurrent.futures.Execu
     """Starts compiling every group's chunk program in ``pool``; returns the futures of
     ``(compiled, seconds)``, one per group (groups with equal programs and shapes share one)."""
 
-    def shapes(tree):  # compile for shapes only: restored (committed) arrays hit the cache too
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    def shapes(tree, sharding=None):  # compile for shapes only: restored arrays hit the cache too
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
 
     futures, out = {}, []
     for g in groups:
-        args = shapes((g.state, np.zeros(g.size, np.int32), np.int32(0), data_key, g.arrays,
-                       g.traced))
+        members = g.program.members_sharding
+        args = (shapes(g.state, members), *shapes((np.zeros(g.size, np.int32), np.int32(0),
+                                                   data_key, g.arrays)), shapes(g.traced, members))
         key = (g.program, jax.tree.structure(args), tuple(jax.tree.leaves(args)))
         if key not in futures:
             futures[key] = pool.submit(lower_and_compile, g.program, args)

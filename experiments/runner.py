@@ -35,8 +35,12 @@ analysis, without the experiment; :func:`load_params` those of every member of a
 Config fields read here: ``num_steps``, ``eval_every``, ``log_evals``, ``evals_per_chunk``,
 ``checkpoint_every`` and optionally ``rng_impl``, ``batch_members``, ``metrics_batch`` (default
 1: evaluations whose metrics are vmapped together; memory grows with it), ``data_seed``
-(default 0: the minibatch key) and ``concurrent_programs`` (default: the CPU count; how many
-programs run side by side; 1 runs them one after the other).
+(default 0: the minibatch key), ``concurrent_programs`` (default: the CPU count; how many
+programs run side by side; 1 runs them one after the other) and ``mesh_shape`` (default none:
+one device; a dict of axis name → size, ``{"members": 8}`` or ``{"directions": 4, "members":
+2}``: each group's members are split over the ``members`` axis when their number is a multiple
+of its size, and the estimators split their directions over the ``directions`` axis; see
+:func:`experiments.program.make_mesh`).
 """
 
 import concurrent.futures
@@ -263,6 +267,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     data_key = jax.random.key(config.get("data_seed", 0), impl=config.get("rng_impl"))
     for group in groups:
         group.state = _init(group.program, group.problem.init_params, group.traced)
+        _program.place(group)
         group.counts_queries = _program.counts_queries(group.state.opt_state)
 
     with concurrent.futures.ThreadPoolExecutor() as pool:  # compiles while the rest is set up
@@ -272,6 +277,8 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
         checkpoints = storage.checkpointer(workdir)
         if (latest := checkpoints.latest_step()) is not None:
             storage.restore_groups(checkpoints, latest, groups, num_members)
+            for group in groups:
+                _program.place(group)
             logging.info("Resuming %s from step %d.", workdir, latest)
         for group, compiled in zip(groups, compiling):
             group.run_chunk, seconds = compiled.result()

@@ -128,7 +128,9 @@ class Method:
             every field the member sets; those named in ``traced`` arrive as traced scalars, so
             members that differ only in them share one compiled program; the others (static:
             ``num_directions``, ``direction``, ``chunk_size``, ...) as Python values. ``key`` is
-            a typed PRNG key made from ``hparams["seed"]`` (0 when absent).
+            a typed PRNG key made from ``hparams["seed"]`` (0 when absent). With a
+            ``directions`` axis in ``config.mesh_shape``, ``hparams["directions_sharding"]``
+            holds its ``NamedSharding`` (pass it to the zojax transform; "zo" and "zest" do).
         queries_per_step: ``queries_per_step(hparams) -> int``, objective evaluations per step
             (a gradient or a jvp counts as one), used when the optimizer state has no
             ``num_queries`` counter (zojax's transforms have one, and it is read instead).
@@ -163,7 +165,8 @@ def _zo(key, hparams):
                         hparams.get("num_directions", 1),
                         direction=hparams.get("direction", "gaussian"),
                         scheme=hparams.get("scheme", "central"),
-                        chunk_size=hparams.get("chunk_size"), seed=key)
+                        chunk_size=hparams.get("chunk_size"), seed=key,
+                        directions_sharding=hparams.get("directions_sharding"))
 
 
 def _zo_queries(hparams):
@@ -182,7 +185,8 @@ def _zest(key, hparams):
     return zojax.zest(hparams["learning_rate"], hparams["smoothing"], hparams["tilt"],
                       hparams["num_directions"], direction=hparams.get("direction", "gaussian"),
                       antithetic=hparams.get("antithetic", True),
-                      chunk_size=hparams.get("chunk_size"), seed=key)
+                      chunk_size=hparams.get("chunk_size"), seed=key,
+                      directions_sharding=hparams.get("directions_sharding"))
 
 
 METHODS: dict[str, Method] = {

@@ -42,6 +42,9 @@ def jsonable(x):
 
 
 def write_json(path: pathlib.Path, obj) -> None:
+    """Writes ``obj`` to ``path`` (atomically); in a multi-process run, process 0 alone writes."""
+    if jax.process_index() != 0:
+        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=False))
     os.replace(tmp, path)
@@ -299,8 +302,8 @@ def _fmt(value) -> str:
 
 def draw(experiment: Experiment, results: dict, workdir: pathlib.Path) -> None:
     """Saves ``experiment.plot(results)`` as ``<name>.png`` and ``.pdf``; a dict of figures
-    ``{suffix: figure}`` as ``<name><suffix>.png`` and ``.pdf`` each."""
-    if experiment.plot is not None:
+    ``{suffix: figure}`` as ``<name><suffix>.png`` and ``.pdf`` each (process 0 alone draws)."""
+    if experiment.plot is not None and jax.process_index() == 0:
         figures = experiment.plot(results)
         if not isinstance(figures, Mapping):
             figures = {"": figures}

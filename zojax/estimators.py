@@ -14,7 +14,15 @@ Every estimator of zojax is one pass of the same loop (the README's Architecture
 :math:`f(x + t_k u_i)` for the steps :math:`t_k` (``[λ, −λ]`` central, ``[λ]`` forward); a
 *weighting* (:mod:`zojax.weightings`) accumulates them chunk by chunk. The same key gives the
 same estimate whatever ``chunk_size`` is, and directions ``[start, start + n)`` form a
-:func:`partial_estimate` whose accumulators :func:`combine` exactly (to shard directions).
+:func:`partial_estimate` whose accumulators :func:`combine` exactly.
+
+Sharded directions: with ``directions_sharding=NamedSharding(mesh, P("directions"))`` the
+estimate runs in a ``shard_map`` over that mesh axis (the first one the sharding partitions):
+device ``j`` of ``n`` evaluates directions ``[j q/n, (j+1) q/n)`` (chunked by ``chunk_size`` if
+given) and the devices then reduce their accumulators (a ``psum`` of one gradient-sized array)
+and gather their ``q/n`` values: the same estimate as on one device, up to rounding. The other
+mesh axes stay automatic: parameters sharded over them stay sharded, and so are the directions
+drawn for them.
 
 With ``chunk_size=None`` all directions (and the ± pair of each) are evaluated as one vmapped
 batch; with ``chunk_size=c`` a ``lax.scan`` evaluates ``c`` at a time (first
@@ -36,6 +44,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from zojax import _backend, _checks, weightings
 from zojax.directions import Perturbation, Sampler, as_perturbation, check_direction, is_stateful
@@ -266,11 +275,92 @@ def _state_or_init(perturbation: Perturbation, params, perturbation_state, name:
     return perturbation.init(params)
 
 
+def directions_axes(directions_sharding: NamedSharding) -> tuple[tuple[str, ...], int]:
+    """The mesh axes that split the directions (the sharding's first partitioned entry) and the
+    number of devices along them.
+
+    Raises:
+        ValueError: not a ``NamedSharding``, or one that partitions no axis.
+    """
+    if not isinstance(directions_sharding, NamedSharding):
+        raise ValueError("directions_sharding must be a jax.sharding.NamedSharding, e.g. "
+                         "NamedSharding(mesh, PartitionSpec('directions')), or None; got "
+                         f"{directions_sharding!r}.")
+    for entry in directions_sharding.spec:
+        if entry is not None and entry != PartitionSpec.UNCONSTRAINED:
+            axes = (entry,) if isinstance(entry, str) else tuple(entry)
+            shape = directions_sharding.mesh.shape
+            return axes, math.prod(shape[a] for a in axes)
+    raise ValueError(f"directions_sharding {directions_sharding.spec} partitions no mesh axis; "
+                     "name the axis that splits the directions, e.g. PartitionSpec("
+                     f"{directions_sharding.mesh.axis_names[0]!r}) (mesh axes: "
+                     f"{directions_sharding.mesh.axis_names}).")
+
+
+def check_directions_sharding(directions_sharding, count: int,
+                              name: str = "num_directions") -> None:
+    """Raises ValueError unless ``count`` directions split evenly over ``directions_sharding``
+    (None: nothing to check). No padding: a step never evaluates other than ``count``."""
+    if directions_sharding is None:
+        return
+    axes, devices = directions_axes(directions_sharding)
+    if count % devices:
+        raise ValueError(
+            f"{name}={count} does not split evenly over the {devices} devices of mesh axes "
+            f"{axes}: choose a multiple of {devices} (directions are never padded).")
+
+
+def _sharded_loop(loop, weighting: weightings.Weighting, start, num: int,
+                  directions_sharding: NamedSharding, *operands):
+    """``loop(start, num, *operands) -> (acc, values)`` split over the devices of the
+    directions axes.
+
+    Each device runs ``loop`` on its ``num / n`` directions; the accumulators are combined
+    (:func:`zojax.weightings.all_reduce`) and the values gathered in index order, so every
+    device holds the whole ``(acc, values)``. The operands (key, params, state) enter
+    replicated over the directions axes, keeping their sharding over the others.
+    """
+    axes, devices = directions_axes(directions_sharding)
+    check_directions_sharding(directions_sharding, num)
+    share = num // devices
+    key = operands[0]
+    if (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            and "philox" in str(jax.random.key_impl(key))):
+        raise ValueError("directions_sharding needs threefry2x32 (JAX's default) or rbg keys: "
+                         "philox4x32 draws do not compile inside shard_map in this JAX (their "
+                         "mulhi has no StableHLO form).")
+
+    def local(start, *operands):
+        first = start + jax.lax.axis_index(axes).astype(jnp.uint32) * share
+        acc, values = loop(first, share, *operands)
+        return (weightings.all_reduce(weighting, acc, axes),
+                jax.lax.all_gather(values, axes, tiled=True))
+
+    mesh = directions_sharding.mesh
+    # shard_map's other axes must be automatic: explicit ones are made so within, and the
+    # outputs replicated (sharded parameters and their directions stay sharded inside).
+    explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types)
+                     if t == AxisType.Explicit and a not in axes)
+    if explicit:
+        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=tuple(
+            AxisType.Auto if a in explicit else t for a, t in zip(mesh.axis_names,
+                                                                   mesh.axis_types)))
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=PartitionSpec(),
+                           out_specs=PartitionSpec(), axis_names=frozenset(axes),
+                           check_vma=False)
+    if explicit:
+        mapped = jax.sharding.auto_axes(
+            mapped, axes=explicit,
+            out_sharding=NamedSharding(directions_sharding.mesh, PartitionSpec()))
+    return mapped(jnp.asarray(start, jnp.uint32), *operands)
+
+
 def partial_estimate(fun: Callable, key, params, *, smoothing, start=0, num_directions: int,
                      direction: str | Sampler | Perturbation = "gaussian",
                      scheme: str = "central", chunk_size: int | None = None,
                      weighting: weightings.Weighting | None = None,
-                     perturbation_state=None) -> PartialEstimate:
+                     perturbation_state=None,
+                     directions_sharding: NamedSharding | None = None) -> PartialEstimate:
     r"""The two-point evaluations of directions ``i ∈ [start, start + num_directions)``.
 
     Direction ``i`` is drawn from ``fold_in(key, i)`` whatever the range, so partial estimates
@@ -286,6 +376,8 @@ def partial_estimate(fun: Callable, key, params, *, smoothing, start=0, num_dire
         weighting: a :class:`zojax.weightings.Weighting` of the values (``(n, 2)`` for central
             differences, ``f(x ± λu)``; ``(n, 1)`` forward); default the scheme's mean.
         perturbation_state: the state of a stateful perturbation.
+        directions_sharding: split the directions over a mesh axis (see the module doc);
+            ``num_directions`` must be a multiple of its size.
 
     Returns:
         A :class:`PartialEstimate`; :func:`finalize` gives ``(value, grads, finite)``.
@@ -311,9 +403,18 @@ def partial_estimate(fun: Callable, key, params, *, smoothing, start=0, num_dire
         base = None
     if weighting is None:
         weighting = _two_point_weighting(scheme, smoothing, base)
-    evaluate = _perturbed_evaluation(objective, params, steps, weighting, chunk_size is not None)
-    acc, values = _directional_loop(evaluate, weighting, key, params, perturbation, state, start,
-                                    num_directions, chunk_size)
+
+    def loop(start, num, key, params, state):
+        evaluate = _perturbed_evaluation(objective, params, steps, weighting,
+                                         chunk_size is not None)
+        return _directional_loop(evaluate, weighting, key, params, perturbation, state, start,
+                                 num, chunk_size)
+
+    if directions_sharding is None:
+        acc, values = loop(start, num_directions, key, params, state)
+    else:
+        acc, values = _sharded_loop(loop, weighting, start, num_directions, directions_sharding,
+                                    key, params, state)
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(smoothing) & (smoothing > 0)
     if base is None:
         value_sum, value_count, queries = jnp.sum(values), values.size, values.size
@@ -365,7 +466,9 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
                        direction: str | Sampler | Perturbation = "gaussian",
                        scheme: str = "central", chunk_size: int | None = None,
                        weighting: weightings.Weighting | None = None,
-                       perturbation_state=None, **extra_args) -> Estimate:
+                       perturbation_state=None,
+                       directions_sharding: NamedSharding | None = None,
+                       **extra_args) -> Estimate:
     """One step of the two-point estimator: the :class:`Estimate` for ``fun(params)``.
 
     The perturbation's ``update`` receives the step's key, params, values and ``extra_args``.
@@ -375,23 +478,27 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
     partial = partial_estimate(fun, key, params, smoothing=smoothing,
                                num_directions=num_directions, direction=perturbation,
                                scheme=scheme, chunk_size=chunk_size, weighting=weighting,
-                               perturbation_state=state)
+                               perturbation_state=state,
+                               directions_sharding=directions_sharding)
     value, grads, finite = finalize(partial, params, weighting)
     state = perturbation.update(state, key, params, partial.values, **extra_args)
     return Estimate(value, grads, finite, partial.num_queries, state)
 
 
-def _validate(smoothing, num_directions, direction, scheme, chunk_size):
+def _validate(smoothing, num_directions, direction, scheme, chunk_size,
+              directions_sharding=None):
     _checks.check_positive_finite("smoothing", smoothing)
     _checks.check_positive_int("num_directions", num_directions)
     as_perturbation(direction)
     _checks.check_choice("scheme", scheme, SCHEMES)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    check_directions_sharding(directions_sharding, num_directions)
 
 
 def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
                       direction: str | Sampler | Perturbation = "gaussian",
-                      scheme: str = "central", chunk_size: int | None = None):
+                      scheme: str = "central", chunk_size: int | None = None,
+                      directions_sharding: NamedSharding | None = None):
     r"""Two-point zeroth-order value and gradient estimator.
 
     Args:
@@ -407,6 +514,9 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
             ``f(x)``).
         chunk_size: evaluate this many directions at a time in a ``lax.scan`` (static); ``None``
             evaluates all of them in one vmapped batch.
+        directions_sharding: ``NamedSharding(mesh, P("directions"))`` splits the directions
+            over that mesh axis, ``num_directions / n`` per device (each chunked by
+            ``chunk_size``); None: one device. See the module doc.
 
     Returns:
         ``value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs) -> (value,
@@ -421,7 +531,7 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
         >>> g.shape
         (3,)
     """
-    _validate(smoothing, num_directions, direction, scheme, chunk_size)
+    _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding)
     perturbation = as_perturbation(direction)
 
     def value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs):
@@ -429,7 +539,8 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
         partial = partial_estimate(bind(fun, *args, **kwargs), key, params, smoothing=smoothing,
                                    num_directions=num_directions, direction=perturbation,
                                    scheme=scheme, chunk_size=chunk_size,
-                                   perturbation_state=state)
+                                   perturbation_state=state,
+                                   directions_sharding=directions_sharding)
         value, grads, _ = finalize(partial, params)
         return value, grads
 
@@ -438,7 +549,7 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
 
 def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
             direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
-            chunk_size: int | None = None):
+            chunk_size: int | None = None, directions_sharding: NamedSharding | None = None):
     r"""Two-point zeroth-order gradient estimator, :math:`\hat g \approx \nabla f_\lambda(x)`.
 
     Same arguments as :func:`zo_value_and_grad`; returns ``grad_fn(key, params, *args,
@@ -452,7 +563,7 @@ def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
     """
     value_and_grad_fn = zo_value_and_grad(
         fun, smoothing=smoothing, num_directions=num_directions, direction=direction,
-        scheme=scheme, chunk_size=chunk_size)
+        scheme=scheme, chunk_size=chunk_size, directions_sharding=directions_sharding)
 
     def grad_fn(key, params, *args, **kwargs):
         return value_and_grad_fn(key, params, *args, **kwargs)[1]
@@ -516,7 +627,8 @@ def forward_grad(fun: Callable, *, num_directions: int = 1,
 TILTED_DIRECTIONS = ("gaussian", "sphere")
 
 
-def _validate_tilted(smoothing, tilt, num_directions, direction, antithetic, chunk_size):
+def _validate_tilted(smoothing, tilt, num_directions, direction, antithetic, chunk_size,
+                     directions_sharding=None):
     _checks.check_positive_finite("smoothing", smoothing)
     _checks.check_positive_finite("tilt", tilt)
     _checks.check_positive_int("num_directions", num_directions)
@@ -528,6 +640,11 @@ def _validate_tilted(smoothing, tilt, num_directions, direction, antithetic, chu
                          f"(k pairs x ± λu), got {num_directions!r}.")
     _checks.check_choice("direction", direction, TILTED_DIRECTIONS)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
+    if antithetic:
+        check_directions_sharding(directions_sharding, num_directions // 2,
+                                  f"num_directions // 2 (the ± pairs of {num_directions} points)")
+    else:
+        check_directions_sharding(directions_sharding, num_directions)
 
 
 def tilted_weighting(smoothing, tilt, antithetic: bool = True) -> weightings.Weighting:
@@ -547,7 +664,9 @@ def tilted_weighting(smoothing, tilt, antithetic: bool = True) -> weightings.Wei
 
 def tilted_estimate(fun: Callable, key, params, *, smoothing, tilt, num_directions: int,
                     direction: str = "gaussian", antithetic: bool = True,
-                    chunk_size: int | None = None, **extra_args) -> Estimate:
+                    chunk_size: int | None = None,
+                    directions_sharding: NamedSharding | None = None,
+                    **extra_args) -> Estimate:
     """One step of the tilted estimator: the :class:`Estimate` for ``fun(params)``.
 
     ``value`` is the mean of the evaluated losses; a step whose tilt or smoothing is not
@@ -559,7 +678,7 @@ def tilted_estimate(fun: Callable, key, params, *, smoothing, tilt, num_directio
         fun, key, params, smoothing=smoothing,
         num_directions=num_directions // 2 if antithetic else num_directions,
         direction=direction, scheme="central" if antithetic else "points",
-        chunk_size=chunk_size, weighting=weighting)
+        chunk_size=chunk_size, weighting=weighting, directions_sharding=directions_sharding)
     value, grads, finite = finalize(partial, params, weighting)
     finite &= jnp.isfinite(tilt) & (tilt > 0)
     return Estimate(value, grads, finite, partial.num_queries, ())
@@ -567,7 +686,8 @@ def tilted_estimate(fun: Callable, key, params, *, smoothing, tilt, num_directio
 
 def tilted_grad(fun: Callable, *, smoothing, tilt, num_directions: int,
                 direction: str = "gaussian", antithetic: bool = True,
-                chunk_size: int | None = None):
+                chunk_size: int | None = None,
+                directions_sharding: NamedSharding | None = None):
     r"""Zeroth-order estimate of the gradient of the tilted (soft-SAM) smoothed loss.
 
     .. math::
@@ -623,6 +743,8 @@ def tilted_grad(fun: Callable, *, smoothing, tilt, num_directions: int,
         antithetic: evaluate pairs :math:`\pm u_i` (static).
         chunk_size: directions (pairs) evaluated at a time in a ``lax.scan``, as in
             :func:`zo_grad` (static); the estimate does not depend on it.
+        directions_sharding: split the directions (pairs) over a mesh axis, as in
+            :func:`zo_grad`; their number must be a multiple of its size.
 
     Returns:
         ``grad_fn(key, params, *args, **kwargs) -> grads`` with the structure, shapes and dtypes
@@ -639,12 +761,14 @@ def tilted_grad(fun: Callable, *, smoothing, tilt, num_directions: int,
         >>> grad_fn(jax.random.key(0), jnp.ones(3)).shape
         (3,)
     """
-    _validate_tilted(smoothing, tilt, num_directions, direction, antithetic, chunk_size)
+    _validate_tilted(smoothing, tilt, num_directions, direction, antithetic, chunk_size,
+                     directions_sharding)
 
     def grad_fn(key, params, *args, **kwargs):
         return tilted_estimate(bind(fun, *args, **kwargs), key, params, smoothing=smoothing,
                                tilt=tilt, num_directions=num_directions, direction=direction,
-                               antithetic=antithetic, chunk_size=chunk_size).grads
+                               antithetic=antithetic, chunk_size=chunk_size,
+                               directions_sharding=directions_sharding).grads
 
     return grad_fn
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from zojax import _checks, blocks, estimators
 from zojax.directions import Perturbation, Sampler, as_perturbation
@@ -142,7 +143,9 @@ def estimator_transform(estimate: Callable, seed=0, *,
 
 def two_point(smoothing, num_directions: int = 1, *,
               direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
-              chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
+              chunk_size: int | None = None, seed=0,
+              directions_sharding: NamedSharding | None = None
+              ) -> optax.GradientTransformationExtraArgs:
     r"""Two-point zeroth-order gradient estimate as an optax transformation.
 
     .. math:: \hat g = \frac1q\sum_{i=1}^q \frac{f(x+\lambda u_i)-f(x-\lambda u_i)}{2\lambda}\,u_i
@@ -158,6 +161,8 @@ def two_point(smoothing, num_directions: int = 1, *,
         scheme: ``"central"`` or ``"forward"`` (static).
         chunk_size: directions evaluated at a time (static); see :func:`zojax.zo_grad`.
         seed: int seed or typed PRNG key of the directions.
+        directions_sharding: ``NamedSharding(mesh, P("directions"))`` splits the directions over
+            that mesh axis (see :mod:`zojax.estimators`); None: one device.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
@@ -171,14 +176,16 @@ def two_point(smoothing, num_directions: int = 1, *,
         >>> updates, state = opt.update(None, state, params, value_fn=lambda p: jnp.sum(p ** 2))
         >>> params = optax.apply_updates(params, updates)
     """
-    estimators._validate(smoothing, num_directions, direction, scheme, chunk_size)
+    estimators._validate(smoothing, num_directions, direction, scheme, chunk_size,
+                         directions_sharding)
     perturbation = as_perturbation(direction)
 
     def estimate(key, value_fn, params, perturbation_state, **extra_args):
         return estimators.two_point_estimate(
             value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
             direction=perturbation, scheme=scheme, chunk_size=chunk_size,
-            perturbation_state=perturbation_state, **extra_args)
+            perturbation_state=perturbation_state, directions_sharding=directions_sharding,
+            **extra_args)
 
     return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
                                name="two_point")
@@ -213,8 +220,9 @@ def forward_gradient(num_directions: int = 1, *,
 
 
 def tilted(smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
-           antithetic: bool = True, chunk_size: int | None = None,
-           seed=0) -> optax.GradientTransformationExtraArgs:
+           antithetic: bool = True, chunk_size: int | None = None, seed=0,
+           directions_sharding: NamedSharding | None = None
+           ) -> optax.GradientTransformationExtraArgs:
     r"""The tilted (soft-SAM, ZEST) zeroth-order gradient estimate as an optax transformation.
 
     :math:`\hat g = \frac{1}{t\lambda}\sum_{ik} \operatorname{softmax}_{ik}(t f_{ik})\, s_k u_i`
@@ -232,6 +240,8 @@ def tilted(smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
         antithetic: pairs :math:`\pm u` (static).
         chunk_size: directions (pairs) evaluated at a time (static).
         seed: int seed or typed PRNG key of the directions.
+        directions_sharding: split the directions (pairs) over a mesh axis, as in
+            :func:`two_point`.
 
     Example:
         >>> import jax.numpy as jnp, optax
@@ -240,21 +250,22 @@ def tilted(smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
         >>> updates, state = opt.update(None, state, jnp.ones(3), value_fn=lambda p: jnp.sum(p**2))
     """
     estimators._validate_tilted(smoothing, tilt, num_directions, direction, antithetic,
-                                chunk_size)
+                                chunk_size, directions_sharding)
 
     def estimate(key, value_fn, params, perturbation_state, **extra_args):
         del perturbation_state
         return estimators.tilted_estimate(
             value_fn, key, params, smoothing=smoothing, tilt=tilt,
             num_directions=num_directions, direction=direction, antithetic=antithetic,
-            chunk_size=chunk_size, **extra_args)
+            chunk_size=chunk_size, directions_sharding=directions_sharding, **extra_args)
 
     return estimator_transform(estimate, seed, name="tilted")
 
 
 def block_two_point(smoothing, num_directions: int = 1, *, max_block_size: int,
                     direction: str = "gaussian", block_coordinate: bool = True,
-                    seed=0) -> optax.GradientTransformationExtraArgs:
+                    seed=0, directions_sharding: NamedSharding | None = None
+                    ) -> optax.GradientTransformationExtraArgs:
     r"""ZO-I (``"gaussian"``) and ZO-coordinate (``"coordinate"``) on the blocks of
     :func:`zojax.partition_blocks`: the baselines of :func:`natural`, with the same blocks,
     block sampling and one-sided differences from one shared :math:`f(x)` per step.
@@ -273,6 +284,7 @@ def block_two_point(smoothing, num_directions: int = 1, *, max_block_size: int,
         direction: ``"gaussian"`` or ``"coordinate"`` (static).
         block_coordinate: perturb one uniformly sampled block per step (else all at once).
         seed: int seed or typed PRNG key.
+        directions_sharding: split the directions over a mesh axis, as in :func:`two_point`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -284,6 +296,7 @@ def block_two_point(smoothing, num_directions: int = 1, *, max_block_size: int,
     """
     _checks.check_positive_finite("smoothing", smoothing)
     _checks.check_positive_int("num_directions", num_directions)
+    estimators.check_directions_sharding(directions_sharding, num_directions)
     perturbation = blocks.block_perturbation(max_block_size, direction,
                                                   block_coordinate=block_coordinate)
 
@@ -291,7 +304,7 @@ def block_two_point(smoothing, num_directions: int = 1, *, max_block_size: int,
         return estimators.two_point_estimate(
             value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
             direction=perturbation, scheme="forward", perturbation_state=perturbation_state,
-            **extra_args)
+            directions_sharding=directions_sharding, **extra_args)
 
     return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
                                name="block_two_point")
@@ -300,8 +313,9 @@ def block_two_point(smoothing, num_directions: int = 1, *, max_block_size: int,
 def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: str = "softmax",
             damping=0.1, ema=0.01, update_every=100, num_fisher_inputs=100,
             jacobian: str = "zeroth_order", block_coordinate: bool = True,
-            max_fisher_blocks: int | None = None,
-            seed=0) -> optax.GradientTransformationExtraArgs:
+            max_fisher_blocks: int | None = None, seed=0,
+            directions_sharding: NamedSharding | None = None
+            ) -> optax.GradientTransformationExtraArgs:
     r"""ZO-NP: zeroth-order estimates from natural (Fisher-shaped, block-diagonal) perturbations.
 
     .. math::
@@ -347,6 +361,8 @@ def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: 
         max_fisher_blocks: keep at most this many blocks' matrices (static; None: all, i.e.
             :math:`2BN^2` float32 numbers).
         seed: int seed or typed PRNG key.
+        directions_sharding: split the directions over a mesh axis, as in :func:`two_point`
+            (the Fisher refresh is not split).
 
     Raises:
         ValueError: an invalid argument, named (at construction); ``update`` without
@@ -364,6 +380,7 @@ def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: 
     """
     _checks.check_positive_finite("smoothing", smoothing)
     _checks.check_positive_int("num_directions", num_directions)
+    estimators.check_directions_sharding(directions_sharding, num_directions)
     opts = blocks.NaturalOptions(max_block_size, fisher, damping, ema, update_every,
                                       num_fisher_inputs, jacobian, block_coordinate,
                                       max_fisher_blocks)
@@ -373,7 +390,8 @@ def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: 
         del extra_args
         partial = estimators.partial_estimate(
             value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
-            direction=perturbation, scheme="forward", perturbation_state=perturbation_state)
+            direction=perturbation, scheme="forward", perturbation_state=perturbation_state,
+            directions_sharding=directions_sharding)
         value, grads, finite = estimators.finalize(partial, params)
         state, refreshed, queries = blocks.refresh(opts, perturbation_state, key, params,
                                                         output_fn, finite)
@@ -391,7 +409,9 @@ def _check_learning_rate(learning_rate) -> None:
 
 def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
            direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
-           chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
+           chunk_size: int | None = None, seed=0,
+           directions_sharding: NamedSharding | None = None
+           ) -> optax.GradientTransformationExtraArgs:
     """ZO-SGD: ``chain(two_point(smoothing, num_directions, ...), sgd(learning_rate))``.
 
     The keyword arguments are those of :func:`two_point` (explicit, so that
@@ -405,35 +425,40 @@ def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
     _check_learning_rate(learning_rate)
     return optax.chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
-                  chunk_size=chunk_size, seed=seed),
+                  chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.sgd(learning_rate))
 
 
 def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.999, eps=1e-8,
             direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
-            chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
+            chunk_size: int | None = None, seed=0,
+            directions_sharding: NamedSharding | None = None
+            ) -> optax.GradientTransformationExtraArgs:
     """ZO-Adam: ``chain(two_point(...), adam(learning_rate, b1, b2, eps))``."""
     _check_learning_rate(learning_rate)
     return optax.chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
-                  chunk_size=chunk_size, seed=seed),
+                  chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
 
 
 def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, *,
                 direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
-                chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
+                chunk_size: int | None = None, seed=0,
+                directions_sharding: NamedSharding | None = None
+                ) -> optax.GradientTransformationExtraArgs:
     """ZO-signSGD: steps of ``-learning_rate · sign(ĝ)``."""
     _check_learning_rate(learning_rate)
     return optax.chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
-                  chunk_size=chunk_size, seed=seed),
+                  chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
 
 
 def zest(learning_rate, smoothing, tilt, num_directions: int, *, direction: str = "gaussian",
-         antithetic: bool = True, chunk_size: int | None = None,
-         seed=0) -> optax.GradientTransformationExtraArgs:
+         antithetic: bool = True, chunk_size: int | None = None, seed=0,
+         directions_sharding: NamedSharding | None = None
+         ) -> optax.GradientTransformationExtraArgs:
     """ZEST: ``chain(tilted(smoothing, tilt, num_directions, ...), sgd(learning_rate))``.
 
     The keyword arguments are those of :func:`tilted`.
@@ -446,5 +471,5 @@ def zest(learning_rate, smoothing, tilt, num_directions: int, *, direction: str 
     _check_learning_rate(learning_rate)
     return optax.chain(
         tilted(smoothing, tilt, num_directions, direction=direction, antithetic=antithetic,
-               chunk_size=chunk_size, seed=seed),
+               chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.sgd(learning_rate))

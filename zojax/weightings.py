@@ -6,6 +6,9 @@ chunk (``values`` (n, k): the k objective values the scheme evaluated per direct
 ``directions``: the chunk's n directions, a pytree batched on axis 0); ``combine(acc_a, acc_b)
 -> acc``; ``finalize(acc) -> estimate``. Since ``add`` only ever sees one chunk and ``combine``
 is exact, a chunked, scanned or sharded estimate equals the unchunked one (up to rounding).
+Across devices (inside ``shard_map``), :func:`all_reduce` combines the accumulators of every
+device with the weighting's ``reduce``: collectives whose operands are one accumulator each
+(a ``psum``), never one per device.
 
 - :func:`mean`: :math:`\frac1q \sum_i c_i u_i` with coefficients :math:`c_i` from each
   direction's values (the two-point estimators: central, forward).
@@ -32,12 +35,32 @@ from zojax import _backend
 
 
 class Weighting(NamedTuple):
-    """A weighting stage: ``init``, ``add``, ``combine``, ``finalize`` (see the module doc)."""
+    """A weighting stage: ``init``, ``add``, ``combine``, ``finalize`` (see the module doc).
+
+    ``reduce(acc, axis_name) -> acc`` (optional) is ``combine`` over the devices of a mesh axis
+    by collectives; None: :func:`all_reduce` gathers the accumulators and folds ``combine``.
+    """
 
     init: Callable[[Any], Any]
     add: Callable[[Any, jax.Array, Any], Any]
     combine: Callable[[Any, Any], Any]
     finalize: Callable[[Any], Any]
+    reduce: Callable[[Any, Any], Any] | None = None
+
+
+def all_reduce(weighting: Weighting, acc, axis_name):
+    """The combination of every device's ``acc`` along ``axis_name`` (inside ``shard_map``),
+    in device order, on every device: the weighting's ``reduce``, or an ``all_gather`` of the
+    accumulators folded by ``combine`` (for scalar accumulators)."""
+    if weighting.reduce is not None:
+        return weighting.reduce(acc, axis_name)
+    gathered = jax.lax.all_gather(acc, axis_name)
+    num = jax.tree.leaves(gathered)[0].shape[0]
+    parts = [jax.tree.map(lambda x, i=i: x[i], gathered) for i in range(num)]
+    out = parts[0]
+    for part in parts[1:]:
+        out = weighting.combine(out, part)
+    return out
 
 
 def _zeros_like_params(params):
@@ -81,7 +104,10 @@ def mean(coefficients: Callable[[jax.Array], jax.Array]) -> Weighting:
     def finalize(acc):
         return jax.tree.map(lambda total: total / acc.count, acc.total)
 
-    return Weighting(init, add, combine, finalize)
+    def reduce(acc, axis_name):
+        return jax.lax.psum(acc, axis_name)
+
+    return Weighting(init, add, combine, finalize, reduce)
 
 
 class SoftmaxState(NamedTuple):
@@ -137,7 +163,12 @@ def softmax(tilt, signs=(1.0, -1.0)) -> Weighting:
     def finalize(acc):
         return jax.tree.map(lambda total: total / acc.norm.astype(total.dtype), acc.total)
 
-    return Weighting(init, add, combine, finalize)
+    def reduce(acc, axis_name):
+        new_max = jax.lax.pmax(acc.max, axis_name)
+        total, norm = jax.lax.psum(rescale(acc, new_max), axis_name)
+        return SoftmaxState(new_max, total, norm)
+
+    return Weighting(init, add, combine, finalize, reduce)
 
 
 class LogMeanExpState(NamedTuple):

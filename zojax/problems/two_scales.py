@@ -21,13 +21,15 @@ coordinate. The slow scale a = 1/4 keeps the curvature nearly constant over a pe
 radius ≈ 1 along w, so the quadratic-model predictions apply at the smoothing radii used.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 Params = dict[str, jax.Array]
 
 A, B = 0.25, 1.0  # the two curvature rates
-TRACE_MINIMIZER = float(jnp.log(B / A) / (A + B))  # ≈ 1.109: the flattest trace
+TRACE_MINIMIZER = math.log(B / A) / (A + B)  # ≈ 1.109: the flattest trace
 EIGENVALUE_MINIMIZER = 0.0  # the smallest λ_max
 
 
