@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def test_the_multidevice_suite_passes_on_8_fake_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n", "0",
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider",
          "tests/multidevice"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     report = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report

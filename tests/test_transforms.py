@@ -41,6 +41,10 @@ REGISTRY = {
                                                     max_block_size=2)),
     "block_two_point_coordinate": (zojax.block_two_point, dict(
         smoothing=0.01, num_directions=3, max_block_size=2, direction="coordinate")),
+    "fzoo": (zojax.fzoo, dict(smoothing=0.01, num_directions=3)),
+    "fzoo_chunked": (zojax.fzoo, dict(smoothing=0.01, num_directions=5, chunk_size=2)),
+    "sparse_two_point": (zojax.sparse_two_point, dict(smoothing=0.01, num_directions=3,
+                                                      sparsity=0.5)),
     "zo_sgd": (zojax.zo_sgd, dict(learning_rate=0.1, smoothing=0.01, num_directions=2)),
     "zo_adam": (zojax.zo_adam, dict(learning_rate=0.1, smoothing=0.01)),
     "zo_sign_sgd": (zojax.zo_sign_sgd, dict(learning_rate=0.1, smoothing=0.01)),

@@ -1,6 +1,15 @@
 """zojax: zeroth-order optimization in JAX, and the flatness of the minima it finds."""
 
-from zojax import blocks, datasets, directions, estimators, problems, transforms, weightings
+from zojax import (
+    blocks,
+    datasets,
+    directions,
+    estimators,
+    problems,
+    transforms,
+    variants,
+    weightings,
+)
 from zojax.blocks import partition_blocks
 from zojax.curvature import (
     hessian_diagonal,
@@ -33,6 +42,7 @@ from zojax.transforms import (
     zo_sgd,
     zo_sign_sgd,
 )
+from zojax.variants import fzoo, sparse_two_point
 
 __version__ = "0.1.0"
 
@@ -46,6 +56,7 @@ __all__ = [
     "estimators",
     "forward_grad",
     "forward_gradient",
+    "fzoo",
     "hessian_diagonal",
     "hessian_spectrum",
     "hessian_square_trace",
@@ -56,12 +67,14 @@ __all__ = [
     "natural",
     "partition_blocks",
     "problems",
+    "sparse_two_point",
     "spectral_density",
     "transforms",
     "tilted",
     "tilted_grad",
     "tilted_value",
     "two_point",
+    "variants",
     "weightings",
     "zest",
     "zo_adam",
