@@ -45,6 +45,13 @@ REGISTRY = {
     "fzoo_chunked": (zojax.fzoo, dict(smoothing=0.01, num_directions=5, chunk_size=2)),
     "sparse_two_point": (zojax.sparse_two_point, dict(smoothing=0.01, num_directions=3,
                                                       sparsity=0.5)),
+    "hizoo": (zojax.hizoo, dict(smoothing=0.01, num_directions=2, hessian_smooth=0.1)),
+    "hizoo_chunked": (zojax.hizoo, dict(smoothing=0.01, num_directions=5, chunk_size=2,
+                                        hessian_smooth=0.1)),
+    "lozo": (zojax.lozo, dict(smoothing=0.01, rank=1, refresh_every=2, num_directions=3)),
+    "lozo_chunked": (zojax.lozo, dict(smoothing=0.01, rank=2, refresh_every=1, num_directions=5,
+                                      chunk_size=2)),
+    "zo_svrg": (zojax.zo_svrg, dict(smoothing=0.01, num_directions=2, snapshot_every=2)),
     "zo_sgd": (zojax.zo_sgd, dict(learning_rate=0.1, smoothing=0.01, num_directions=2)),
     "zo_adam": (zojax.zo_adam, dict(learning_rate=0.1, smoothing=0.01)),
     "zo_sign_sgd": (zojax.zo_sign_sgd, dict(learning_rate=0.1, smoothing=0.01)),
@@ -74,7 +81,9 @@ def _outputs(params):
 
 
 def _step(opt, params, state, loss=_loss):
-    updates, state = opt.update(None, state, params, value_fn=loss, output_fn=_outputs)
+    # The extra arguments a runner gives: natural's model outputs, zo_svrg's large-batch loss.
+    updates, state = opt.update(None, state, params, value_fn=loss, output_fn=_outputs,
+                                full_value_fn=loss)
     return optax.apply_updates(params, updates), state
 
 
@@ -149,7 +158,8 @@ def test_dtype_kept(name, dtype):
 def test_inject_hyperparams_gives_the_same_updates(name):
     factory, kwargs = REGISTRY[name]
     # Shape-changing ints are static (strings and None stay static by type).
-    static = [k for k in ("num_directions", "chunk_size", "max_block_size", "max_fisher_blocks")
+    static = [k for k in ("num_directions", "chunk_size", "max_block_size", "max_fisher_blocks",
+                          "rank")
               if k in kwargs or k == "num_directions"]
     injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
     plain = factory(**kwargs)

@@ -83,6 +83,177 @@ def test_sparse_estimate_vanishes_off_the_mask_and_is_the_masked_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
+# HiZOO.
+
+D = jnp.arange(1.0, 9.0)  # the diagonal Hessian of the quadratic below
+
+
+def _quadratic(w):
+    return 0.5 * jnp.sum(D * w**2)
+
+
+def test_hizoo_one_update_has_its_closed_form_mean():
+    """α = 1 from H = 1: H' = |ℓ₊ + ℓ₋ − 2ℓ₀|/(2λ²) z² = (zᵀDz) z²/2 exactly (quadratic), with
+    mean (tr D + 2 D_j)/2; the step's mean is Σ∇f = ∇f (H = 1)."""
+    w = jnp.linspace(-1.0, 1.0, 8)
+
+    def one(seed):
+        opt = zojax.hizoo(0.01, hessian_smooth=1.0, seed=seed)
+        g, state = opt.update(None, opt.init(w), w, value_fn=_quadratic)
+        return g, state.perturbation_state
+
+    g, h = map(np.asarray, jax.jit(jax.vmap(one))(jnp.arange(20_000)))
+    for sample, expected in ((h, (np.sum(D) + 2 * np.asarray(D)) / 2), (g, np.asarray(D * w))):
+        z = np.abs(sample.mean(0) - expected) / (sample.std(0, ddof=1) / np.sqrt(len(sample)))
+        assert z.max() < Z_MAX, z
+
+
+def test_hizoo_hessian_converges_to_the_diagonal_hessian_up_to_its_scalar():
+    """The update's fixed point is H = (d + 2)/2 · D (see hizoo's docstring). 64 chains of
+    25,000 steps at α = 0.004 (the slowest mode relaxes in (d + 2)/(2α) = 1,250 steps), H
+    averaged over each chain's second half: the shape H_j / D_j / mean matches to the chains'
+    standard error; the scale is biased up by O(α) by the multiplicative noise (+2.6% here)."""
+    w, alpha, steps = jnp.linspace(-1.0, 1.0, 8), 0.004, 25_000
+
+    def chain(seed):
+        opt = zojax.hizoo(0.01, hessian_smooth=alpha, seed=seed)
+
+        def body(state, _):
+            state = opt.update(None, state, w, value_fn=_quadratic)[1]
+            return state, state.perturbation_state
+
+        return jax.lax.scan(body, opt.init(w), length=steps)[1][steps // 2:].mean(0)
+
+    ratio = np.asarray(jax.jit(jax.vmap(chain))(jnp.arange(64))) / np.asarray(D) / 5.0
+    shape = ratio / ratio.mean(1, keepdims=True)
+    z = np.abs(shape.mean(0) - 1) / (shape.std(0, ddof=1) / np.sqrt(len(shape)))
+    assert z.max() < Z_MAX, z
+    assert 1.0 < ratio.mean() < 1.0 + 10 * alpha, ratio.mean()
+
+
+def test_hizoo_directions_have_covariance_h_inverse():
+    perturbation = variants.hizoo_perturbation()
+    hessian = jnp.array([1.0, 4.0, 16.0])
+    u = jax.vmap(lambda k: perturbation.sample(k, jnp.zeros(3), hessian, ()))(
+        jax.random.split(jax.random.key(0), 20_000))
+    np.testing.assert_allclose(np.asarray(perturbation.cov_matvec(hessian, jnp.ones(3))),
+                               [1.0, 0.25, 0.0625])
+    second = np.asarray(u**2)
+    z = np.abs(second.mean(0) - 1 / np.asarray(hessian)) / (
+        second.std(0, ddof=1) / np.sqrt(len(second)))
+    assert z.max() < Z_MAX, z
+
+
+# ---------------------------------------------------------------------------------------------
+# LOZO.
+
+
+def _held(perturbation, params, seed=1):
+    """A LOZO state holding a drawn V, its next step not a refresh."""
+    state = perturbation.init(params)
+    return perturbation.update(state, jax.random.key(seed), params, None)
+
+
+def test_lozo_mean_is_the_gradient_projected_on_the_held_basis():
+    """Central differences on a quadratic are exact: E ĝ = Σ ∇f, Σ = I ⊗ VVᵀ/r given V
+    (cov_matvec), checked against the empirical mean of 400 estimates of 25 directions."""
+    w = jnp.arange(12.0).reshape(4, 3) / 10
+    target = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    loss = lambda w: 0.5 * jnp.sum((w - target) ** 2)  # noqa: E731
+    perturbation = variants.lozo_perturbation(rank=2, refresh_every=100)
+    state = _held(perturbation, w)
+    estimate = jax.jit(jax.vmap(lambda key: zojax.estimators.two_point_estimate(
+        loss, key, w, smoothing=0.1, num_directions=25, direction=perturbation,
+        perturbation_state=state).grads))
+    g = np.asarray(estimate(jax.random.split(jax.random.key(0), 400)))
+    expected = np.asarray(perturbation.cov_matvec(state, w - target))
+    z = np.abs(g.mean(0) - expected) / (g.std(0, ddof=1) / np.sqrt(len(g)))
+    assert z.max() < Z_MAX, z
+    assert not np.allclose(expected, w - target)  # rank 2 of 3: a projection, not ∇f
+
+
+def test_lozo_unbiased_over_fresh_bases_and_each_update_has_rank_r():
+    w = jnp.arange(12.0).reshape(4, 3) / 10
+    loss = lambda w: 0.5 * jnp.sum(w**2)  # noqa: E731
+
+    def estimate(seed):
+        opt = zojax.lozo(0.1, rank=1, refresh_every=1, num_directions=2, seed=seed)
+        return opt.update(None, opt.init(w), w, value_fn=loss)[0]
+
+    g = np.asarray(jax.jit(jax.vmap(estimate))(jnp.arange(4_000)))
+    z = np.abs(g.mean(0) - np.asarray(w)) / (g.std(0, ddof=1) / np.sqrt(len(g)))
+    assert z.max() < Z_MAX, z
+    assert max(np.linalg.matrix_rank(x) for x in g[:20]) == 1  # Σ_i c_i U_i Vᵀ: V is shared
+
+
+def test_lozo_holds_v_for_refresh_every_steps():
+    params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+    opt = zojax.lozo(0.1, rank=2, refresh_every=3)
+    state, held = opt.init(params), []
+    step = jax.jit(lambda s: opt.update(None, s, params, value_fn=lambda p: jnp.sum(p["w"]))[1])
+    for _ in range(7):
+        state = step(state)
+        basis = state.perturbation_state.v
+        assert basis[0] is None and basis[1].shape == (4, 2)  # leaves: b, w
+        held.append(np.asarray(basis[1]))
+    changed = [not np.array_equal(a, b) for a, b in zip(held, held[1:])]
+    assert changed == [False, False, True, False, False, True]  # redrawn at steps 3 and 6
+
+
+# ---------------------------------------------------------------------------------------------
+# ZO-SVRG.
+
+
+def _batch_loss(hessian, centre):
+    return lambda w: 0.5 * (w - centre) @ hessian @ (w - centre)
+
+
+def test_zo_svrg_snapshot_schedule_queries_and_the_full_estimate():
+    full, minibatch = _batch_loss(jnp.eye(3), jnp.ones(3)), _batch_loss(2 * jnp.eye(3), 0.0)
+    opt = zojax.zo_svrg(0.1, 2, snapshot_every=3)
+    w, state = jnp.zeros(3), opt.init(jnp.zeros(3))
+    step = jax.jit(lambda s, w: opt.update(None, s, w, value_fn=minibatch, full_value_fn=full))
+    queries, snapshots = [], []
+    for _ in range(4):
+        g, new = step(state, w)
+        queries.append(int(new.num_queries - state.num_queries))
+        state = new
+        # Snapshot steps return the new g̃; at the snapshot itself the control variate cancels
+        # the minibatch estimates exactly (same u): ĝ = g̃.
+        np.testing.assert_array_equal(g, state.perturbation_state.snapshot_grads)
+        snapshots.append(np.asarray(g))
+    assert queries == [4, 8, 8, 4]
+    assert np.array_equal(snapshots[0], snapshots[2]) and not np.allclose(snapshots[2],
+                                                                          snapshots[3])
+
+
+def test_zo_svrg_correction_is_the_minibatch_gradient_change():
+    """ĝ − g̃ = (1/q) Σ u uᵀ A_B (x − x̃) exactly (quadratic, central, same u): mean
+    w = A_B (x − x̃), variance (‖w‖² + w_j²)/q (Gaussian). Near the snapshot it is far below
+    the plain two-point estimate's."""
+    hessian = jnp.diag(jnp.arange(1.0, 6.0))
+    loss = _batch_loss(hessian, jnp.linspace(-1.0, 1.0, 5))
+    q, snapshot = 8_000, jnp.zeros(5)
+    opt = zojax.zo_svrg(0.1, q, snapshot_every=10, chunk_size=1_000)
+    state = jax.jit(lambda s: opt.update(None, s, snapshot, value_fn=loss,
+                                         full_value_fn=loss)[1])(opt.init(snapshot))
+    x = snapshot + 0.01 * jnp.arange(5.0)
+    g, _ = jax.jit(lambda s: opt.update(None, s, x, value_fn=loss, full_value_fn=loss))(state)
+    w = np.asarray(hessian @ (x - snapshot))
+    stderr = np.sqrt((np.sum(w**2) + w**2) / q)
+    z = np.abs(np.asarray(g - state.perturbation_state.snapshot_grads) - w) / stderr
+    assert z.max() < Z_MAX, z
+    plain = jax.grad(loss)(x)
+    assert np.sum(w**2) < 1e-2 * float(plain @ plain)  # the variances: ‖w‖² vs ‖∇f_B(x)‖²
+
+
+def test_zo_svrg_needs_the_large_batch_objective():
+    opt = zojax.zo_svrg(0.1, snapshot_every=2)
+    with pytest.raises(ValueError, match="full_value_fn"):
+        opt.update(None, opt.init(jnp.ones(2)), jnp.ones(2), value_fn=jnp.sum)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input.
 
 
@@ -95,6 +266,19 @@ def test_sparse_estimate_vanishes_off_the_mask_and_is_the_masked_gradient():
     (lambda: zojax.sparse_two_point(0.1, sparsity=float("nan")), "sparsity"),
     (lambda: zojax.sparse_two_point(0.1, sparsity="half"), "sparsity"),
     (lambda: zojax.sparse_two_point(-1.0, sparsity=0.5), "smoothing"),
+    (lambda: zojax.hizoo(0.1, hessian_smooth=-0.1), "hessian_smooth"),
+    (lambda: zojax.hizoo(0.1, hessian_smooth=1.5), "hessian_smooth"),
+    (lambda: zojax.hizoo(0.1, hessian_smooth=float("nan")), "hessian_smooth"),
+    (lambda: zojax.hizoo(0.0), "smoothing"),
+    (lambda: zojax.hizoo(0.1, 0), "num_directions"),
+    (lambda: zojax.lozo(0.1, rank=0, refresh_every=1), "rank"),
+    (lambda: zojax.lozo(0.1, rank=1.5, refresh_every=1), "rank"),
+    (lambda: zojax.lozo(0.1, rank=1, refresh_every=0), "refresh_every"),
+    (lambda: zojax.lozo(0.0, rank=1, refresh_every=1), "smoothing"),
+    (lambda: zojax.zo_svrg(0.1, snapshot_every=0), "snapshot_every"),
+    (lambda: zojax.zo_svrg(0.1, snapshot_every=2.0), "snapshot_every"),
+    (lambda: zojax.zo_svrg(0.1, 0, snapshot_every=2), "num_directions"),
+    (lambda: zojax.zo_svrg(0.1, snapshot_every=2, scheme="backward"), "scheme"),
 ])
 def test_bad_hyperparameters_are_errors_naming_the_argument(make, match):
     with pytest.raises(ValueError, match=match):

@@ -42,7 +42,7 @@ from zojax.transforms import (
     zo_sgd,
     zo_sign_sgd,
 )
-from zojax.variants import fzoo, sparse_two_point
+from zojax.variants import fzoo, hizoo, lozo, sparse_two_point, zo_svrg
 
 __version__ = "0.1.0"
 
@@ -62,8 +62,10 @@ __all__ = [
     "hessian_square_trace",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "hizoo",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "lozo",
     "natural",
     "partition_blocks",
     "problems",
@@ -82,5 +84,6 @@ __all__ = [
     "zo_sgd",
     "zo_sign_sgd",
     "zo_trace",
+    "zo_svrg",
     "zo_value_and_grad",
 ]

@@ -43,6 +43,18 @@ def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
         )
 
 
+def check_int_like(name: str, value) -> None:
+    """An int >= 1, or an integer array (traced under ``inject_hyperparams``: not checked)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if isinstance(value, bool) or not (
+            isinstance(value, int) or (hasattr(value, "dtype") and jnp.ndim(value) == 0
+                                       and jnp.issubdtype(jnp.result_type(value), jnp.integer))):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+    if int(value) < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+
+
 def check_choice(name: str, value, choices: Iterable[str]) -> None:
     """Raises ValueError unless ``value`` is one of ``choices``."""
     choices = tuple(choices)

@@ -56,7 +56,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
@@ -66,9 +65,8 @@ from zojax.directions import Perturbation
 FISHERS = ("softmax", "gaussian")
 JACOBIANS = ("zeroth_order", "autodiff")
 BLOCK_DIRECTIONS = ("gaussian", "coordinate")
-# prepare() draws the step's block from fold_in(key, _BLOCK_TAG); directions use fold_in(key, i)
-# for i < num_directions, so the block is independent of them.
-_BLOCK_TAG = np.uint32(2**32 - 1)
+# prepare() draws the step's block from fold_in(key, _BLOCK_TAG), independent of the directions.
+_BLOCK_TAG = directions.CONTEXT_TAG
 
 
 class Layout(NamedTuple):
@@ -374,18 +372,6 @@ def _check_bool(name, value):
         raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
-def _check_int_like(name, value):
-    """An int >= 1, or an integer array (traced under ``inject_hyperparams``: not checked)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    if isinstance(value, bool) or not (
-            isinstance(value, int) or (hasattr(value, "dtype") and jnp.ndim(value) == 0
-                                       and jnp.issubdtype(jnp.result_type(value), jnp.integer))):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    if int(value) < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-
-
 def validate_natural(max_block_size, fisher, damping, ema, update_every, num_fisher_inputs,
                      jacobian, block_coordinate, max_fisher_blocks):
     """Raises ValueError naming the first invalid argument of :func:`natural_perturbation`."""
@@ -395,8 +381,8 @@ def validate_natural(max_block_size, fisher, damping, ema, update_every, num_fis
     number = _checks.concrete_value(ema)
     if not isinstance(ema, jax.core.Tracer) and (number is None or not 0 < number <= 1):
         raise ValueError(f"ema must be a number in (0, 1], got {ema!r}.")
-    _check_int_like("update_every", update_every)
-    _check_int_like("num_fisher_inputs", num_fisher_inputs)
+    _checks.check_int_like("update_every", update_every)
+    _checks.check_int_like("num_fisher_inputs", num_fisher_inputs)
     _checks.check_choice("jacobian", jacobian, JACOBIANS)
     _check_bool("block_coordinate", block_coordinate)
     _checks.check_positive_int("max_fisher_blocks", max_fisher_blocks, allow_none=True)

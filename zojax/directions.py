@@ -43,10 +43,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zojax import _backend
 
 Sampler = Callable[[jax.Array, object], object]
+
+# A step's shared draws (``prepare``'s block, a held basis) come from fold_in(key, CONTEXT_TAG);
+# direction i from fold_in(key, i), i < num_directions: independent of each other.
+CONTEXT_TAG = np.uint32(2**32 - 1)
 
 
 class Perturbation(NamedTuple):
