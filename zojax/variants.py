@@ -124,27 +124,36 @@ def fzoo(smoothing, num_directions: int, *, chunk_size: int | None = None, seed=
 # Sparse-MeZO: a perturbation.
 
 
-def _small_magnitude_masks(params, sparsity: float):
-    """Per leaf, True where ``|θ|`` is at most the leaf's ``1 − sparsity`` magnitude quantile."""
-    def mask(p):
-        magnitude = jnp.abs(p).astype(jnp.float32)
-        return magnitude <= jnp.quantile(magnitude, 1.0 - sparsity)
+def sparse_thresholds(params, sparsity) -> Any:
+    """Per leaf, the ``1 − sparsity`` quantile of ``|θ|`` (a float32 scalar per leaf)."""
+    return jax.tree.map(lambda p: jnp.quantile(jnp.abs(p).astype(jnp.float32), 1.0 - sparsity),
+                        params)
 
-    return jax.tree.map(mask, params)
+
+def sparse_masks(params, sparsity=None, thresholds=None) -> Any:
+    """Per leaf, True where ``|θ| ≤`` the leaf's threshold (True: perturbed and updated): the
+    ``thresholds`` given (a :func:`sparse_perturbation` state), else those of ``params`` at
+    ``sparsity`` (the masks of a first step from ``params``)."""
+    if thresholds is None:
+        thresholds = sparse_thresholds(params, sparsity)
+    return jax.tree.map(lambda p, h: jnp.abs(p).astype(jnp.float32) <= h, params, thresholds)
 
 
 def sparse_perturbation(sparsity) -> directions.Perturbation:
     r"""Gaussian directions on the small-magnitude entries of each leaf: :math:`u = m \odot z`,
-    :math:`z \sim N(0, I)`, :math:`m_j = [\,|\theta_j| \le q_{1-s}(|\theta_{\text{leaf}}|)\,]`.
+    :math:`z \sim N(0, I)`, :math:`m_j = [\,|\theta_j| \le h_\ell\,]`.
 
-    The masks are recomputed from the parameters at every step (``prepare``), so they follow the
-    weights as they move. Covariance :math:`\Sigma = \operatorname{diag}(m)`: on a quadratic the
-    central estimate's mean is :math:`m \odot \nabla f`, zero off the mask.
+    As in the paper, each leaf's threshold :math:`h_\ell` is the ``1 − sparsity`` quantile of
+    its initial magnitudes (the state: one scalar per leaf, :func:`sparse_thresholds` at
+    ``init``), and the mask is recomputed from the current parameters at every step
+    (``prepare``: one elementwise comparison, fused into the step), so it follows the weights as
+    they move. Covariance :math:`\Sigma = \operatorname{diag}(m)`: on a quadratic the central
+    estimate's mean is :math:`m \odot \nabla f`, zero off the mask.
     """
 
-    def prepare(key, params, state):
-        del key, state
-        return _small_magnitude_masks(params, sparsity)
+    def prepare(key, params, thresholds):
+        del key
+        return sparse_masks(params, thresholds=thresholds)
 
     def sample(key, params, state, masks):
         del state
@@ -154,15 +163,10 @@ def sparse_perturbation(sparsity) -> directions.Perturbation:
     def cov_matvec(state, v):
         del state, v
         raise NotImplementedError("Σ = diag(m) depends on the step's params: Σv is "
-                                  "jnp.where(sparse_masks(params, sparsity), v, 0).")
+                                  "jnp.where(sparse_masks(params, thresholds=state), v, 0).")
 
-    return directions.Perturbation(lambda params: (), prepare, sample,
-                                   lambda state, *args, **kwargs: state, cov_matvec)
-
-
-def sparse_masks(params, sparsity: float) -> Any:
-    """The masks a :func:`sparse_perturbation` step at ``params`` perturbs (True: perturbed)."""
-    return _small_magnitude_masks(params, sparsity)
+    return directions.Perturbation(lambda params: sparse_thresholds(params, sparsity), prepare,
+                                   sample, lambda state, *args, **kwargs: state, cov_matvec)
 
 
 def sparse_two_point(smoothing, num_directions: int = 1, *, sparsity: float,
@@ -174,9 +178,10 @@ def sparse_two_point(smoothing, num_directions: int = 1, *, sparsity: float,
     .. math:: \hat g = \frac1q\sum_i \frac{f(x + \lambda m\odot z_i) - f(x - \lambda m\odot
         z_i)}{2\lambda}\, m\odot z_i
 
-    Only the entries of each leaf at or below its ``1 − sparsity`` magnitude quantile are
-    perturbed (and so updated); the others get a zero estimate. Same state, queries and
-    non-finite policy as :func:`zojax.two_point`.
+    Only the entries of each leaf at or below its threshold, the ``1 − sparsity`` quantile of
+    its magnitudes at ``init``, are perturbed (and so updated); the others get a zero estimate.
+    The mask is recomputed at every step from the current weights. Same queries and non-finite
+    policy as :func:`zojax.two_point`; the state adds one threshold per leaf.
 
     Args:
         smoothing: :math:`\lambda > 0` (numeric, may be injected/vmapped).
@@ -275,7 +280,8 @@ def hizoo(smoothing, num_directions: int = 1, *, hessian_smooth=1e-8,
     :math:`A = H^{-1/2} D H^{-1/2}`, so the update's fixed point is :math:`H = \frac{d + 2}{2}
     D`: the true diagonal Hessian up to one scalar (which rescales λ and the step alike). The
     step uses the H that shaped its directions (the reference rescales it by the updated one,
-    a change of O(α)). 2q + 1 queries per step; the state is H (params-sized). ``state.value``
+    a change of O(α)). 2q + 1 queries per step; the state is H (params-sized, float32), and a
+    step holds one more float32 accumulator than a two-point step (the curvature sum). ``state.value``
     is :math:`f(x)`.
 
     Args:
@@ -431,9 +437,30 @@ class SvrgState(NamedTuple):
     count: jax.Array  # int32 scalar: steps taken; a snapshot when count % snapshot_every == 0.
 
 
+def _values_only() -> weightings.Weighting:
+    """A weighting that keeps nothing: the loop's values alone (``PartialEstimate.values``)."""
+    return weightings.Weighting(lambda params: (), lambda acc, values, directions: acc,
+                                lambda a, b: a, lambda acc: ())
+
+
+def _central_minus(smoothing, reference) -> weightings.Weighting:
+    r""":math:`\frac1q\sum_i (c_i - r_i)\,u_i`, :math:`c_i` the central coefficient of
+    direction i and :math:`r` (q,) a reference's (chunks arrive in index order: the running
+    count indexes r). One accumulator for a difference of two estimates along the same u_i."""
+    def central(values):
+        return (values[:, 0] - values[:, 1]) / (2 * smoothing)
+
+    def add(acc, values, directions):
+        n = values.shape[0]
+        coefficients = central(values) - jax.lax.dynamic_slice_in_dim(reference, acc.count, n)
+        return weightings.MeanState(_backend.weighted_sum(coefficients, directions, acc.total),
+                                    acc.count + n)
+
+    return weightings.mean(central)._replace(add=add, reduce=None)
+
+
 def zo_svrg(smoothing, num_directions: int = 1, *, snapshot_every: int,
-            scheme: str = "central", chunk_size: int | None = None, seed=0
-            ) -> optax.GradientTransformationExtraArgs:
+            chunk_size: int | None = None, seed=0) -> optax.GradientTransformationExtraArgs:
     r"""ZO-SVRG / MeZO-SVRG (Gautam et al. 2024): two-point estimates with a control variate.
 
     Every ``snapshot_every`` steps (the first included) the step is the large-batch estimate
@@ -448,16 +475,20 @@ def zo_svrg(smoothing, num_directions: int = 1, *, snapshot_every: int,
     x)` and its variance vanishes as :math:`x \to \tilde x`, so the estimate's noise is
     :math:`\tilde g`'s, set once per snapshot. The update takes the minibatch objective as
     ``value_fn`` and the large-batch one as ``full_value_fn`` (evaluated on snapshot steps
-    only; under ``jax.vmap`` both branches run). Queries: 2q on a snapshot step (large batch),
-    4q between (central; forward q + 1 and 2q + 2). State: the snapshot and its estimate, 2×
-    the params. Chain with ``optax.sgd(η)``; MeZO-SVRG's two learning rates (large-batch and
+    only; under ``jax.vmap`` both branches run). Central differences; queries: 2q on a snapshot
+    step (large batch), 4q between. A minibatch step first evaluates the directions at
+    :math:`\tilde x` (values only), then accumulates :math:`\sum_i (c_i(x) - c_i(\tilde x))
+    u_i` in one pass at :math:`x`: one gradient-sized accumulator, as a two-point step. State:
+    the snapshot and its estimate, 2× the params. Unlike the reference code, the snapshot is
+    a copy and both minibatch estimates share their directions (the control variate needs
+    both). Chain with ``optax.sgd(η)``; MeZO-SVRG's two learning rates (large-batch and
     minibatch steps) are an ``optax.inject_hyperparams`` schedule on the same period.
 
     Args:
         smoothing: :math:`\lambda > 0` (numeric, may be injected/vmapped).
         num_directions: ``q`` (static), on both kinds of step.
         snapshot_every: the snapshot period ``≥ 1`` (an int, may be injected; MeZO-SVRG's q).
-        scheme, chunk_size, seed: as :func:`zojax.two_point`.
+        chunk_size, seed: as :func:`zojax.two_point`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -468,10 +499,9 @@ def zo_svrg(smoothing, num_directions: int = 1, *, snapshot_every: int,
         >>> int(state.num_queries), int(state.perturbation_state.count)
         (2, 1)
     """
-    estimators._validate(smoothing, num_directions, "gaussian", scheme, chunk_size)
+    estimators._validate(smoothing, num_directions, "gaussian", "central", chunk_size)
     _checks.check_int_like("snapshot_every", snapshot_every)
-    options = dict(smoothing=smoothing, num_directions=num_directions, scheme=scheme,
-                   chunk_size=chunk_size)
+    options = dict(smoothing=smoothing, num_directions=num_directions, chunk_size=chunk_size)
 
     def init(params):
         return SvrgState(jax.tree.map(jnp.zeros_like, params),
@@ -488,20 +518,28 @@ def zo_svrg(smoothing, num_directions: int = 1, *, snapshot_every: int,
         def snapshot_step():
             value, grads, finite = estimators.finalize(
                 estimators.partial_estimate(full_value_fn, key, params, **options), params)
-            return value, grads, finite, SvrgState(params, grads, state.count + 1)
+            return value, grads, finite
 
         def inner_step():
-            at_x, at_snapshot = (estimators.partial_estimate(value_fn, key, x, **options)
-                                 for x in (params, state.snapshot))
-            value, grads, finite = estimators.finalize(at_x, params)
-            _, correction, finite_snapshot = estimators.finalize(at_snapshot, params)
-            grads = jax.tree.map(lambda g, c, s: g - c + s, grads, correction,
+            at_snapshot = estimators.partial_estimate(value_fn, key, state.snapshot,
+                                                      weighting=_values_only(), **options)
+            reference = (at_snapshot.values[:, 0] - at_snapshot.values[:, 1]) / (2 * smoothing)
+            weighting = _central_minus(smoothing, reference)
+            at_x = estimators.partial_estimate(value_fn, key, params, weighting=weighting,
+                                               **options)
+            value, grads, finite = estimators.finalize(at_x, params, weighting)
+            grads = jax.tree.map(lambda g, s: g + s.astype(g.dtype), grads,
                                  state.snapshot_grads)
-            return value, grads, finite & finite_snapshot, state._replace(count=state.count + 1)
+            return value, grads, finite & at_snapshot.finite
 
         due = state.count % snapshot_every == 0
-        value, grads, finite, new_state = jax.lax.cond(due, snapshot_step, inner_step)
-        queries = (2 * num_directions if scheme == "central" else num_directions + 1)
+        value, grads, finite = jax.lax.cond(due, snapshot_step, inner_step)
+        # The state outside the cond: selects that XLA does in place in the donated state.
+        new_state = SvrgState(*(jax.tree.map(lambda new, old: jnp.where(due, new, old), new, old)
+                                for new, old in ((params, state.snapshot),
+                                                 (grads, state.snapshot_grads))),
+                              state.count + 1)
+        queries = 2 * num_directions
         return estimators.Estimate(value, grads, finite,
                                    jnp.where(due, queries, 2 * queries).astype(jnp.int32),
                                    new_state)
