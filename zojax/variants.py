@@ -281,8 +281,8 @@ def hizoo(smoothing, num_directions: int = 1, *, hessian_smooth=1e-8,
     D`: the true diagonal Hessian up to one scalar (which rescales λ and the step alike). The
     step uses the H that shaped its directions (the reference rescales it by the updated one,
     a change of O(α)). 2q + 1 queries per step; the state is H (params-sized, float32), and a
-    step holds one more float32 accumulator than a two-point step (the curvature sum). ``state.value``
-    is :math:`f(x)`.
+    step holds one more float32 accumulator than a two-point step (the curvature sum).
+    ``state.value`` is :math:`f(x)`.
 
     Args:
         smoothing: :math:`\lambda > 0` (the paper's μ; numeric, may be injected/vmapped).
