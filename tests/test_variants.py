@@ -206,7 +206,7 @@ def test_lozo_holds_v_for_refresh_every_steps():
     for _ in range(7):
         state = step(state)
         basis = state.perturbation_state.v
-        assert basis[0] is None and basis[1].shape == (4, 2)  # leaves: b, w
+        assert basis[0].shape == (1, 2) and basis[1].shape == (4, 2)  # leaves: b, w
         held.append(np.asarray(basis[1]))
     changed = [not np.array_equal(a, b) for a, b in zip(held, held[1:])]
     assert changed == [False, False, True, False, False, True]  # redrawn at steps 3 and 6

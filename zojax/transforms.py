@@ -72,6 +72,16 @@ def _where(pred, new, old):
     return jnp.where(pred, new, old)
 
 
+def _kept(finite, path, new, old):
+    """A perturbation-state leaf after a step: ``new`` when it was finite, else ``old``; step
+    counters (integer scalars named ``count``) always move on, as ``TwoPointState.count``
+    does, so a schedule on them (a refresh every k steps) is the same for every member."""
+    name = getattr(path[-1], "name", None) if path else None
+    if name == "count" and jnp.ndim(new) == 0 and jnp.issubdtype(new.dtype, jnp.integer):
+        return new
+    return _where(finite, new, old)
+
+
 def estimator_transform(estimate: Callable, seed=0, *,
                         init_perturbation: Callable[[Any], Any] | None = None,
                         name: str = "estimator") -> optax.GradientTransformationExtraArgs:
@@ -79,8 +89,9 @@ def estimator_transform(estimate: Callable, seed=0, *,
 
     The one place that handles the optax state and the non-finite policy: each update splits the
     state's key, calls ``estimate`` and, when an evaluation was not finite, returns a zero update,
-    keeps the perturbation state (or leaves that to an estimate whose ``Estimate.guarded`` is
-    True) and counts the step in ``num_nonfinite``.
+    keeps the perturbation state (but its step counters, leaves named ``count``; or leaves all
+    of it to an estimate whose ``Estimate.guarded`` is True) and counts the step in
+    ``num_nonfinite``.
 
     Args:
         estimate: ``estimate(key, value_fn, params, perturbation_state, **extra_args) ->
@@ -130,8 +141,9 @@ def estimator_transform(estimate: Callable, seed=0, *,
                        state.perturbation_state, **extra_args)
         finite = out.finite
         grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), out.grads)
-        perturbation_state = out.perturbation_state if out.guarded else jax.tree.map(
-            functools.partial(_where, finite), out.perturbation_state, state.perturbation_state)
+        perturbation_state = out.perturbation_state if out.guarded else (
+            jax.tree_util.tree_map_with_path(functools.partial(_kept, finite),
+                                             out.perturbation_state, state.perturbation_state))
         return grads, TwoPointState(
             count=optax.safe_increment(state.count), key=key,
             num_nonfinite=state.num_nonfinite + jnp.logical_not(finite).astype(jnp.int32),

@@ -337,7 +337,7 @@ def hizoo(smoothing, num_directions: int = 1, *, hessian_smooth=1e-8,
 class LozoState(NamedTuple):
     """State of :func:`lozo_perturbation`: per 2-D leaf the held ``V`` (n × r; None elsewhere)."""
 
-    v: Any  # tuple over the leaves of params: V of a matrix leaf, None for the others.
+    v: Any  # tuple over the leaves of params: V of a matrix leaf, (1, r) zeros (unused) else.
     count: jax.Array  # int32 scalar: steps taken; V is redrawn when count % refresh_every == 0.
 
 
@@ -356,11 +356,12 @@ def lozo_perturbation(rank: int, refresh_every: int) -> directions.Perturbation:
     def fresh(key, params):
         leaves = jax.tree.leaves(params)
         keys = jax.random.split(jax.random.fold_in(key, directions.CONTEXT_TAG), len(leaves))
-        return tuple(_backend.normal(k, (p.shape[1], rank), p.dtype) if p.ndim == 2 else None
+        return tuple(_backend.normal(k, (p.shape[1], rank), p.dtype) if p.ndim == 2 else
+                     jnp.zeros((1, rank), p.dtype)
                      for k, p in zip(keys, leaves))
 
     def init(params):
-        return LozoState(tuple(jnp.zeros((p.shape[1], rank), p.dtype) if p.ndim == 2 else None
+        return LozoState(tuple(jnp.zeros((p.shape[1] if p.ndim == 2 else 1, rank), p.dtype)
                                for p in jax.tree.leaves(params)), jnp.zeros((), jnp.int32))
 
     def prepare(key, params, state):
@@ -373,7 +374,7 @@ def lozo_perturbation(rank: int, refresh_every: int) -> directions.Perturbation:
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(key, max(len(leaves), 1))
         return treedef.unflatten([
-            _backend.normal(k, p.shape, p.dtype) if basis is None else
+            _backend.normal(k, p.shape, p.dtype) if p.ndim != 2 else
             _backend.normal(k, (p.shape[0], rank), p.dtype) @ basis.T / math.sqrt(rank)
             for p, basis, k in zip(leaves, v, keys)])
 
@@ -383,7 +384,7 @@ def lozo_perturbation(rank: int, refresh_every: int) -> directions.Perturbation:
 
     def cov_matvec(state, v):
         leaves, treedef = jax.tree.flatten(v)
-        return treedef.unflatten([x if basis is None else x @ basis @ basis.T / rank
+        return treedef.unflatten([x if x.ndim != 2 else x @ basis @ basis.T / rank
                                   for x, basis in zip(leaves, state.v)])
 
     return directions.Perturbation(init, prepare, sample, update, cov_matvec)

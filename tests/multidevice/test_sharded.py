@@ -97,6 +97,12 @@ TRANSFORMS = {
                                                         directions_sharding=s), {}),
     "natural": lambda s: (zojax.natural(0.1, Q, max_block_size=5, update_every=1,
                                         directions_sharding=s), {"output_fn": _logits}),
+    "fzoo": lambda s: (zojax.fzoo(0.1, Q, directions_sharding=s), {}),
+    "hizoo": lambda s: (zojax.hizoo(0.1, Q, hessian_smooth=0.5, directions_sharding=s), {}),
+    "lozo": lambda s: (zojax.lozo(0.1, 2, refresh_every=3, num_directions=Q,
+                                  directions_sharding=s), {}),
+    "sparse_two_point": lambda s: (zojax.sparse_two_point(0.1, Q, sparsity=0.5,
+                                                          directions_sharding=s), {}),
 }
 
 

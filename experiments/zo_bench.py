@@ -1,0 +1,324 @@
+r"""A ZO-Bench-style table: 12 methods at equal query budgets on logistic regression and on the
+few-shot fine-tuning of all-MiniLM-L6-v2 (``configs/zo_bench.py`` describes the setup).
+
+Methods (``config.methods``): first-order SGD and Adam (``jax.grad``), ZO-SGD, ZO-Adam and
+ZO-sign (``zojax.zo_sgd``, ``zo_adam``, ``zo_sign_sgd``), the forward gradient (a jvp per
+step), ZEST (``zojax.zest``, one ± pair) and the literature's stages of :mod:`zojax.variants`,
+each chained with ``optax.sgd``: HiZOO, LOZO, Sparse-MeZO, FZOO and ZO-SVRG (its large batch,
+the whole training set, given by the problem's extra update arguments). Each member runs
+``query_budget // queries_per_step`` steps (ZO-SVRG: an average over its snapshot period),
+so every method makes about the same number of objective evaluations. Recorded per member:
+the metrics against steps and queries (results.json's ``num_queries``), the execution time
+per step and, as a label, the compiled memory of one step (argument + output + temp − alias,
+params and state donated).
+
+    python -m experiments.zo_bench --config configs/zo_bench.py --config.data_dir=../shared/data \
+        --workdir /tmp/zojax/zo_bench
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import zojax
+from experiments import finetune, runner
+
+NAME = "zo_bench"
+PROBLEMS = ("logistic", "minilm")  # config.problems
+LABELS = {"fo_sgd": "FO-SGD", "fo_adam": "FO-Adam", "zo_sgd": "ZO-SGD (MeZO)",
+          "zo_adam": "ZO-Adam", "zo_sign": "ZO-sign", "forward_grad": "forward gradient",
+          "zest": "ZEST", "hizoo": "HiZOO", "lozo": "LOZO", "sparse_mezo": "Sparse-MeZO",
+          "fzoo": "FZOO", "zo_svrg": "ZO-SVRG"}
+FIRST_ORDER = ("fo_sgd", "fo_adam")  # deterministic given the batches: seed 0 only
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: optax optimizers from a member's hyperparameters.
+
+
+def _sgd(estimator, hparams):
+    return optax.chain(estimator, optax.sgd(hparams["learning_rate"]))
+
+
+_ZO = dict(chunk_size=1)  # one direction at a time: MeZO's memory
+
+METHODS = {
+    "fo_sgd": runner.Method(lambda key, h: optax.sgd(h["learning_rate"]), lambda h: 1,
+                            uses_gradient=True, fields=("learning_rate",)),
+    "fo_adam": runner.Method(lambda key, h: optax.adam(h["learning_rate"]), lambda h: 1,
+                             uses_gradient=True, fields=("learning_rate",)),
+    "zo_sgd": runner.Method(lambda key, h: zojax.zo_sgd(
+        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
+        fields=("learning_rate", "smoothing")),
+    "zo_adam": runner.Method(lambda key, h: zojax.zo_adam(
+        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
+        fields=("learning_rate", "smoothing")),
+    "zo_sign": runner.Method(lambda key, h: zojax.zo_sign_sgd(
+        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
+        fields=("learning_rate", "smoothing")),
+    "forward_grad": runner.Method(lambda key, h: _sgd(zojax.forward_gradient(seed=key), h),
+                                  lambda h: 1, fields=("learning_rate",)),
+    "zest": runner.Method(lambda key, h: zojax.zest(
+        h["learning_rate"], h["smoothing"], h["tilt"], h["num_directions"], seed=key, **_ZO),
+        lambda h: h["num_directions"], traced=("learning_rate", "smoothing", "tilt", "seed"),
+        fields=("learning_rate", "smoothing", "tilt", "num_directions")),
+    "hizoo": runner.Method(lambda key, h: _sgd(zojax.hizoo(
+        h["smoothing"], hessian_smooth=h["hessian_smooth"], seed=key, **_ZO), h), lambda h: 3,
+        fields=("learning_rate", "smoothing", "hessian_smooth")),
+    "lozo": runner.Method(lambda key, h: _sgd(zojax.lozo(
+        h["smoothing"], h["rank"], refresh_every=h["refresh_every"], seed=key, **_ZO), h),
+        lambda h: 2, fields=("learning_rate", "smoothing", "rank", "refresh_every")),
+    "sparse_mezo": runner.Method(lambda key, h: _sgd(zojax.sparse_two_point(
+        h["smoothing"], sparsity=h["sparsity"], seed=key, **_ZO), h), lambda h: 2,
+        fields=("learning_rate", "smoothing", "sparsity")),
+    "fzoo": runner.Method(lambda key, h: _sgd(zojax.fzoo(
+        h["smoothing"], h["num_directions"], seed=key, **_ZO), h),
+        lambda h: h["num_directions"] + 1, fields=("learning_rate", "smoothing",
+                                                   "num_directions")),
+    "zo_svrg": runner.Method(lambda key, h: _sgd(zojax.zo_svrg(
+        h["smoothing"], snapshot_every=h["snapshot_every"], seed=key, **_ZO), h),
+        lambda h: 4 - 2 / h["snapshot_every"],  # 2 on a snapshot step, 4 between
+        fields=("learning_rate", "smoothing", "snapshot_every")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems (module-level functions: the runner caches programs on them).
+
+
+def _logits(params, inputs):
+    return inputs @ params["w"] + params["b"]
+
+
+def _cross_entropy(params, inputs, labels):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_logits(params, inputs),
+                                                                    labels))
+
+
+def logistic_loss(params, batch, full):
+    del full  # the large batch of ZO-SVRG (extra_args)
+    return _cross_entropy(params, *batch)
+
+
+def logistic_extra_args(batch, full):
+    del batch
+    return {"full_value_fn": lambda params: _cross_entropy(params, *full)}
+
+
+def logistic_metrics(params, train_inputs, train_labels, test_inputs, test_labels):
+    def accuracy(inputs, labels):
+        return jnp.mean(jnp.argmax(_logits(params, inputs), -1) == labels)
+
+    return {"loss": _cross_entropy(params, train_inputs, train_labels),
+            "train_accuracy": accuracy(train_inputs, train_labels),
+            "test_loss": _cross_entropy(params, test_inputs, test_labels),
+            "test_accuracy": accuracy(test_inputs, test_labels)}
+
+
+def logistic_problem(config) -> tuple[runner.Problem, dict]:
+    """Multinomial logistic regression on a LIBSVM dataset's raw inputs, two classes."""
+    name = config.logistic.dataset
+    if name.startswith("synthetic-"):
+        data = zojax.datasets.synthetic_libsvm(0, like=name.partition("-")[2])
+    else:
+        try:
+            data = zojax.datasets.load_libsvm(name, data_dir=config.data_dir)
+        except FileNotFoundError as error:
+            raise runner.ConfigError(f"config.logistic.dataset: {error}") from None
+    train = (jnp.asarray(data.train_inputs), jnp.asarray(data.train_labels > 0, jnp.int32))
+    test = (jnp.asarray(data.test_inputs), jnp.asarray(data.test_labels > 0, jnp.int32))
+    if config.logistic.batch_size > train[0].shape[0]:
+        raise runner.ConfigError(f"config.logistic.batch_size ({config.logistic.batch_size}) "
+                                 f"exceeds the {train[0].shape[0]} training rows.")
+    w_key, b_key = jax.random.split(jax.random.key(config.data_seed))
+    scale = config.logistic.init_scale
+    params = {"w": scale * jax.random.normal(w_key, (train[0].shape[1], 2)),
+              "b": scale * jax.random.normal(b_key, (2,))}
+    problem = runner.Problem(
+        logistic_loss, logistic_metrics, params, (train,),
+        batch_fn=runner.Minibatches(train, config.logistic.batch_size), eval_data=(*train, *test),
+        extra_args=logistic_extra_args, name=name)
+    return problem, {"dataset": name, "params": zojax.directions.num_params(params),
+                     "num_train": int(train[0].shape[0]), "num_test": int(test[0].shape[0])}
+
+
+def minilm_loss(params, batch, model, full):
+    del full
+    return finetune.batch_loss(params, batch, model)
+
+
+def minilm_extra_args(batch, model, full):
+    del batch
+    return {"full_value_fn": lambda params: finetune.batch_loss(params, full, model)}
+
+
+def minilm_problem(config) -> tuple[runner.Problem, dict]:
+    """The fine-tuning experiment's problem (its probed head), the whole train set as ZO-SVRG's
+    large batch."""
+    fields = ml_collections.ConfigDict({**config.minilm.to_dict(),
+                                        "data_seed": config.data_seed})
+    loaded = finetune.load_model(fields)
+    task = finetune.load_task(fields.task, fields.k, fields.split, config.data_dir,
+                              config.data_seed)
+    if fields.batch_size > len(task.train_labels):
+        raise runner.ConfigError(f"config.minilm.batch_size ({fields.batch_size}) exceeds the "
+                                 f"{len(task.train_labels)} training rows of {task.name}.")
+    problem, labels = finetune.problem(fields, task, loaded)
+    full = problem.batch_fn.arrays
+    problem = dataclasses.replace(problem, loss=minilm_loss, data=(*problem.data, full),
+                                  extra_args=minilm_extra_args)
+    return problem, labels
+
+
+def step_memory(method: runner.Method, hparams, problem: runner.Problem) -> int:
+    """Compiled bytes of one step of ``method`` on ``problem`` (params and state donated)."""
+    optimizer = optax.with_extra_args_support(
+        method.optimizer(jax.random.key(hparams.get("seed", 0)), hparams))
+    batch = problem.batch_fn(jax.random.key(0), 0)
+    args = (batch, *problem.data)
+
+    def step(params, state):
+        value_fn = zojax.estimators.bind(problem.loss, *args)
+        grads = jax.grad(value_fn)(params) if method.uses_gradient else None
+        updates, state = optimizer.update(grads, state, params, value_fn=value_fn,
+                                          **problem.extra_args(*args))
+        return optax.apply_updates(params, updates), state
+
+    params = problem.init_params
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, optimizer.init(params)).compile()
+    stats = compiled.memory_analysis()
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment.
+
+
+def _check_config(config) -> None:
+    runner.validate(config, runner.POSITIVE_FIELDS + (
+        "query_budget", "batch_size", "eval_batch_size", "max_length", "probe_c", "rank",
+        "refresh_every", "snapshot_every", "init_scale"))
+    runner.check_choices(config, {"problems": PROBLEMS, "methods": tuple(METHODS),
+                                  "seeds": None})
+
+
+def get_experiment(config) -> runner.Experiment:
+    """Every method on every problem, for every seed (first-order: seed 0), at the problem's
+    query budget."""
+    _check_config(config)
+    builders = {"logistic": logistic_problem, "minilm": minilm_problem}
+    members = []
+    for name in runner.as_tuple(config.problems):
+        problem, labels = builders[name](config)
+        budget = config[name].query_budget
+        for method in runner.as_tuple(config.methods):
+            fields = config[name].hparams[method].to_dict()
+            spec = METHODS[method]
+            steps = max(1, int(budget // spec.queries_per_step(fields)))
+            memory = step_memory(spec, fields, problem)
+            seeds = (0,) if method in FIRST_ORDER else runner.as_tuple(config.seeds)
+            for seed in seeds:
+                members += runner.sweep(
+                    method, {**fields, "seed": seed}, problem,
+                    f"{name}/{method}" + (f"/seed={seed}" if len(seeds) > 1 else ""),
+                    labels={**labels, "problem": name, "query_budget": budget,
+                            "step_memory_bytes": memory}, num_steps=steps)
+    return runner.Experiment(NAME, members, plot=plot, summary=summary, methods=METHODS,
+                             progress_metrics=("loss", "test_accuracy"))
+
+
+def train_and_evaluate(config, workdir, *, overwrite: bool = False) -> dict:
+    """Runs (or resumes) the comparison in ``workdir``; returns the results dict."""
+    return runner.run(get_experiment(config), config, workdir, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and plots.
+
+
+def _final(run, metric):
+    values = run["metrics"].get(metric) or [None]
+    return math.nan if values[-1] is None else values[-1]
+
+
+def rows(results: dict) -> list[dict]:
+    """Per (problem, method): the seeds' final test accuracy (mean, std), train loss, queries,
+    steps, ms per step and step memory."""
+    grouped = {}
+    for run in results["runs"]:
+        grouped.setdefault((run["hparams"]["problem"], run["method"]), []).append(run)
+    out = []
+    for (problem, method), runs in grouped.items():
+        accuracy = np.array([_final(r, "test_accuracy") for r in runs])
+        steps = runs[0]["steps"][-1]
+        queries = runs[0]["num_queries"][-1]
+        out.append({
+            "problem": problem, "method": method, "seeds": len(runs), "steps": steps,
+            "queries": queries, "test_accuracy": float(np.mean(accuracy)),
+            "test_accuracy_std": float(np.std(accuracy)),
+            "start_accuracy": runs[0]["metrics"]["test_accuracy"][0],
+            "loss": float(np.mean([_final(r, "loss") for r in runs])),
+            "ms_per_step": 1e3 * runs[0]["wall_seconds"] / max(steps, 1) / len(runs),
+            "memory_mb": runs[0]["hparams"]["step_memory_bytes"] / 1e6})
+    return out
+
+
+def table(results: dict) -> str:
+    lines = ["| problem | method | seeds | steps | queries | test accuracy (start → end) | "
+             "train loss | ms / step | step memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows(results):
+        lines.append(
+            f"| {r['problem']} | {LABELS[r['method']]} | {r['seeds']} | {r['steps']} | "
+            f"{r['queries']} | {r['start_accuracy']:.3f} → {r['test_accuracy']:.3f} ± "
+            f"{r['test_accuracy_std']:.3f} | {r['loss']:.4f} | {r['ms_per_step']:.1f} | "
+            f"{r['memory_mb']:.3g} |")
+    return "\n".join(lines)
+
+
+def summary(results: dict) -> str:
+    return f"{NAME}: 12 methods at equal query budgets\n{table(results)}"
+
+
+def plot(results: dict):
+    """Per problem: test accuracy against queries, and final accuracy against step memory."""
+    from matplotlib.figure import Figure  # lazy: only when plotting
+
+    problems = list(dict.fromkeys(r["hparams"]["problem"] for r in results["runs"]))
+    figure = Figure(figsize=(10, 3.4 * len(problems)), layout="constrained")
+    axes = figure.subplots(len(problems), 2, squeeze=False)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(METHODS)}
+    styles = {m: ("-" if i < 10 else "--") for i, m in enumerate(METHODS)}
+    for run in results["runs"]:
+        ax = axes[problems.index(run["hparams"]["problem"]), 0]
+        accuracy = [math.nan if v is None else v for v in run["metrics"]["test_accuracy"]]
+        queries = [math.nan if q is None else q for q in run["num_queries"]]
+        first = run["name"].endswith("seed=0") or "seed=" not in run["name"]
+        ax.plot(queries, accuracy, styles[run["method"]], color=colors[run["method"]], lw=1,
+                label=LABELS[run["method"]] if first else None)
+    for r in rows(results):
+        ax = axes[problems.index(r["problem"]), 1]
+        ax.errorbar(r["memory_mb"], r["test_accuracy"], yerr=r["test_accuracy_std"], fmt="o",
+                    color=colors[r["method"]])
+        ax.annotate(LABELS[r["method"]], (r["memory_mb"], r["test_accuracy"]), fontsize=6)
+    for i, problem in enumerate(problems):
+        axes[i, 0].set(title=f"{problem}: test accuracy", xlabel="queries (objective evaluations)")
+        axes[i, 1].set(title=f"{problem}: final accuracy vs step memory",
+                       xlabel="compiled step memory (MB)", ylabel="test accuracy")
+        for ax in axes[i]:
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize="x-small", ncol=2)
+    return figure
+
+
+if __name__ == "__main__":
+    from experiments import cli
+
+    cli.main(train_and_evaluate)
+
