@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.logistic.query_budget = 4_000
     config.logistic.batch_size = 64
     config.logistic.init_scale = 0.01  # W, b ~ N(0, σ²): not 0, Sparse-MeZO's thresholds
-    config.logistic.hparams = _methods(lr=0.3, smoothing=1e-3, gd_lr=1.0, adam_lr=1e-2,
+    config.logistic.hparams = _methods(lr=0.1, smoothing=1e-3, gd_lr=1.0, adam_lr=1e-2,
                                        fzoo_lr=0.05, sign_lr=1e-3, hessian_smooth=1e-3, rank=1)
 
     config.minilm = ml_collections.ConfigDict()  # the fields experiments.finetune.problem reads
