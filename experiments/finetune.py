@@ -447,12 +447,6 @@ _PANELS = (("test_accuracy", "test accuracy", "linear"), ("loss", "train loss", 
            ("last_layer_trace", "last-layer trace (Hutchinson)", "symlog"))
 
 
-def _value(run, metric, index):
-    values = run["metrics"].get(metric) or [None]
-    value = values[index]
-    return math.nan if value is None else value
-
-
 def table(results: dict) -> str:
     """Markdown: per run, the probe's test accuracy, test accuracy and traces at the first and
     the last evaluation."""
@@ -462,7 +456,8 @@ def table(results: dict) -> str:
         h = run["hparams"]
 
         def pair(metric, fmt=".3g", run=run):
-            return f"{_value(run, metric, 0):{fmt}} → {_value(run, metric, -1):{fmt}}"
+            start, end = runner.metric_at(run, metric, 0), runner.metric_at(run, metric)
+            return f"{start:{fmt}} → {end:{fmt}}"
 
         lines.append(f"| {h['task']} | {run['name'].split('/', 1)[1]} | {run['steps'][-1]} | "
                      f"{h['probe_test_accuracy']:.3f} | {pair('test_accuracy', '.3f')} | "

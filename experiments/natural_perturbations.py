@@ -155,22 +155,9 @@ def problem(config, dataset: str, model_name: str):
 
 
 def peak_memory(method: runner.Method, hparams, problem: runner.Problem, batch) -> int:
-    """argument + output + temp − alias bytes of one compiled step, optimizer state donated."""
-    opt = method.optimizer(jax.random.key(0), hparams)
-
-    def step(state, params, batch):
-        updates, state = opt.update(None, state, params,
-                                    value_fn=lambda p: problem.loss(p, batch, *problem.data),
-                                    **problem.extra_args(batch, *problem.data))
-        return optax.apply_updates(params, updates), state
-
-    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), problem.init_params)
-    state = jax.eval_shape(opt.init, params)
-    batch = jax.tree.map(lambda b: jax.ShapeDtypeStruct(b.shape, b.dtype), batch)
-    stats = jax.jit(step, donate_argnums=0).lower(state, params, batch).compile(
-        ).memory_analysis()
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    """argument + output + temp − alias bytes of one compiled step, optimizer state donated
+    (:func:`runner.step_memory`)."""
+    return runner.step_memory(method, hparams, problem, batch, donate_params=False)
 
 
 # ---------------------------------------------------------------------------------------------

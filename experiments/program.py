@@ -452,6 +452,30 @@ def place(group: "Group") -> None:
         group.state, group.traced = jax.device_put((group.state, group.traced), sharding)
 
 
+def step_memory(method: Method, hparams, problem: Problem, batch, *,
+                donate_params: bool = True) -> int:
+    """Compiled bytes of one step of ``method`` (its ``hparams``) on ``problem`` at ``batch``:
+    argument + output + temp − alias, the optimizer state donated (and the params, with
+    ``donate_params``). Compiled for shapes alone: nothing is allocated."""
+    opt = optax.with_extra_args_support(
+        method.optimizer(jax.random.key(hparams.get("seed", 0)), hparams))
+
+    def step(opt_state, params, batch):
+        args = (batch, *problem.data)
+        value_fn = zojax.estimators.bind(problem.loss, *args)
+        extra = dict(problem.extra_args(*args)) if problem.extra_args is not None else {}
+        grads = jax.grad(value_fn)(params) if method.uses_gradient else None
+        updates, opt_state = opt.update(grads, opt_state, params, value_fn=value_fn, **extra)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                 (problem.init_params, batch))
+    stats = jax.jit(step, donate_argnums=(0, 1) if donate_params else 0).lower(
+        jax.eval_shape(opt.init, params), params, batch).compile().memory_analysis()
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
 def lower_and_compile(program: Program, args) -> tuple[Callable, float]:
     start = time.perf_counter()
     compiled = train_chunk.lower(program, *args).compile()

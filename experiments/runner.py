@@ -80,12 +80,18 @@ from experiments.spec import (  # noqa: F401 (re-exported)
     sweep,
     validate,
 )
-from experiments.storage import load_member, non_finite_members, summarize  # noqa: F401
+from experiments.storage import (  # noqa: F401 (re-exported)
+    load_member,
+    metric_at,
+    non_finite_members,
+    summarize,
+)
 
 _init = _program.init
 _make_groups = _program.make_groups
 _compile = _program.compile_groups
 _unstack = _program.unstack
+step_memory = _program.step_memory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,6 +279,13 @@ def non_finite_members(results: dict) -> dict[str, int]:
             for run in results["runs"] if None in run["metrics"]["loss"]}
 
 
+def metric_at(run: dict, metric: str, index: int = -1) -> float:
+    """A run's ``metric`` at evaluation ``index`` (the last by default); NaN where it was not
+    recorded or was not finite (null)."""
+    values = run["metrics"].get(metric) or [None]
+    return math.nan if values[index] is None else values[index]
+
+
 def summarize(results: dict, metrics: Sequence[str] | None = None) -> str:
     """A table of each run's first and last value of every metric."""
     runs = results["runs"]

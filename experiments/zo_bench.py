@@ -175,28 +175,6 @@ def minilm_problem(config) -> tuple[runner.Problem, dict]:
     return problem, labels
 
 
-def step_memory(method: runner.Method, hparams, problem: runner.Problem) -> int:
-    """Compiled bytes of one step of ``method`` on ``problem`` (params and state donated)."""
-    optimizer = optax.with_extra_args_support(
-        method.optimizer(jax.random.key(hparams.get("seed", 0)), hparams))
-    batch = problem.batch_fn(jax.random.key(0), 0)
-    args = (batch, *problem.data)
-
-    def step(params, state):
-        value_fn = zojax.estimators.bind(problem.loss, *args)
-        grads = jax.grad(value_fn)(params) if method.uses_gradient else None
-        updates, state = optimizer.update(grads, state, params, value_fn=value_fn,
-                                          **problem.extra_args(*args))
-        return optax.apply_updates(params, updates), state
-
-    params = problem.init_params
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        params, optimizer.init(params)).compile()
-    stats = compiled.memory_analysis()
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-
-
 # ---------------------------------------------------------------------------------------------
 # The experiment.
 
@@ -222,7 +200,8 @@ def get_experiment(config) -> runner.Experiment:
             fields = config[name].hparams[method].to_dict()
             spec = METHODS[method]
             steps = max(1, int(budget // spec.queries_per_step(fields)))
-            memory = step_memory(spec, fields, problem)
+            memory = runner.step_memory(spec, fields, problem,
+                                         problem.batch_fn(jax.random.key(0), 0))
             seeds = (0,) if method in FIRST_ORDER else runner.as_tuple(config.seeds)
             for seed in seeds:
                 members += runner.sweep(
@@ -243,11 +222,6 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False) -> dict:
 # Tables and plots.
 
 
-def _final(run, metric):
-    values = run["metrics"].get(metric) or [None]
-    return math.nan if values[-1] is None else values[-1]
-
-
 def rows(results: dict) -> list[dict]:
     """Per (problem, method): the seeds' final test accuracy (mean, std), train loss, queries,
     steps, ms per step and step memory."""
@@ -256,7 +230,7 @@ def rows(results: dict) -> list[dict]:
         grouped.setdefault((run["hparams"]["problem"], run["method"]), []).append(run)
     out = []
     for (problem, method), runs in grouped.items():
-        accuracy = np.array([_final(r, "test_accuracy") for r in runs])
+        accuracy = np.array([runner.metric_at(r, "test_accuracy") for r in runs])
         steps = runs[0]["steps"][-1]
         queries = runs[0]["num_queries"][-1]
         out.append({
@@ -264,8 +238,10 @@ def rows(results: dict) -> list[dict]:
             "queries": queries, "test_accuracy": float(np.mean(accuracy)),
             "test_accuracy_std": float(np.std(accuracy)),
             "start_accuracy": runs[0]["metrics"]["test_accuracy"][0],
-            "loss": float(np.mean([_final(r, "loss") for r in runs])),
-            "ms_per_step": 1e3 * runs[0]["wall_seconds"] / max(steps, 1) / len(runs),
+            "loss": float(np.mean([runner.metric_at(r, "loss") for r in runs])),
+            # Seeds in one program share its time: each distinct time once, over all their steps.
+            "ms_per_step": 1e3 * sum({r["wall_seconds"] for r in runs}) / max(steps, 1)
+            / len(runs),
             "memory_mb": runs[0]["hparams"]["step_memory_bytes"] / 1e6})
     return out
 

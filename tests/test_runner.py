@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -257,6 +258,9 @@ def test_diverging_members_are_marked_and_the_others_finish(smoke, tmp_path, bat
         assert all(v is not None for v in losses[:first])
         assert all(v is None for v in losses[first:])
         assert all(v is None for v in runs[name]["metrics"]["hessian_trace"][first:])
+        assert math.isnan(runner.metric_at(runs[name], "loss"))  # tables read null as NaN
+        assert runner.metric_at(runs[name], "loss", 0) == losses[0]
+        assert math.isnan(runner.metric_at(runs[name], "no_such_metric"))
     # The others are unaffected: they equal the smoke run's members with the same settings.
     expected = {run["name"]: run for run in smoke[2]["runs"]}
     assert runs["forward_grad"]["metrics"] == expected["forward_grad"]["metrics"]
