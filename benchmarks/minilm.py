@@ -47,6 +47,7 @@ never stored).
 
 import argparse
 import os
+import pathlib
 import platform
 import time
 
@@ -289,7 +290,7 @@ def section_time(params, batch, loss, quick: bool) -> None:
 def _isa() -> str:
     """The widest x86 vector extension of this CPU (from /proc/cpuinfo), or ''."""
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return ""
     return next((isa for flag, isa in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
