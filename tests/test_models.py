@@ -1,4 +1,4 @@
-"""The Flax models of experiments/models.py: shapes and parameter counts (from shapes only)."""
+"""The Flax models of experiments/models: shapes and parameter counts (from shapes only)."""
 
 import jax
 import jax.numpy as jnp

@@ -23,3 +23,15 @@ def test_readme_commands_match_ci():
     ci = (README.parent / ".ci" / "run").read_text()
     test_command = re.findall(r"```bash\n(.*?)\n```", text, re.S)[1]
     assert test_command.replace('pip install -e', 'pip install -q -e') in ci
+
+
+def test_the_optax_and_flax_section_runs():
+    """Every Python block of "With optax and flax", in order, in one namespace."""
+    text = README.read_text()
+    section = text.split("\n## With optax and flax\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 8
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)

@@ -5,6 +5,7 @@ test_transforms.py (its REGISTRY holds them)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import zojax
@@ -295,3 +296,85 @@ def test_zo_svrg_needs_the_large_batch_objective():
 def test_bad_hyperparameters_are_errors_naming_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse-MeZO from a degenerate start (issue 34).
+
+
+def _paper_sparse_perturbation(sparsity):
+    """The paper's rule as it stood before: each threshold the quantile, degenerate or not."""
+    return variants.sparse_perturbation(sparsity)._replace(init=lambda params: jax.tree.map(
+        lambda p: jnp.quantile(jnp.abs(p).astype(jnp.float32), 1.0 - sparsity), params))
+
+
+def _bits(tree):
+    """``tree`` with its typed PRNG keys as their key data, to compare with NumPy."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _run(estimator, params, loss, num_steps):
+    """``num_steps`` SGD steps (learning rate 0.05) in one ``lax.scan``; params, state."""
+    opt = optax.chain(estimator, optax.sgd(0.05))
+
+    def step(carry, _):
+        params, state = carry
+        updates, state = opt.update(None, state, params, value_fn=loss)
+        return (optax.apply_updates(params, updates), state), None
+
+    return jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=num_steps)[0])(params)
+
+
+def test_sparse_least_squares_from_zeros_descends():
+    """From zeros every threshold is 0: the paper's rule perturbs every entry at the first step
+    and freezes each one that moved, so the loss stays where one step left it (8.62 → 8.61 in
+    300 steps). The degenerate leaf is now perturbed densely: the steps are two_point's, bit for
+    bit (the same directions, none masked), and the loss falls to 1.7e-7, by 5e7 (consistent
+    least squares, 32 × 8, minimum 0)."""
+    ka, kw = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (32, 8))
+    b = a @ jax.random.normal(kw, (8,))
+    loss = lambda w: 0.5 * jnp.mean((a @ w - b) ** 2)  # noqa: E731
+    zeros, initial = jnp.zeros(8), float(loss(jnp.zeros(8)))
+    state = jax.jit(zojax.sparse_two_point(0.01, sparsity=0.5).init)(zeros)  # traced params
+    assert np.isinf(state.perturbation_state)
+
+    stalled, _ = _run(zojax.two_point(0.01, direction=_paper_sparse_perturbation(0.5)), zeros,
+                      loss, 300)
+    sparse, (sparse_state, _) = _run(zojax.sparse_two_point(0.01, sparsity=0.5), zeros, loss,
+                                     300)
+    dense, _ = _run(zojax.two_point(0.01), zeros, loss, 300)
+    assert float(loss(stalled)) > 0.99 * initial, float(loss(stalled))  # the defect
+    assert float(loss(sparse)) < 1e-4 * initial, float(loss(sparse))
+    np.testing.assert_array_equal(sparse, dense)
+    assert np.isinf(sparse_state.perturbation_state)
+
+
+def test_sparse_degenerate_leaves_are_dense_and_the_others_keep_the_paper_rule():
+    """Thresholds: the quantile where it exceeds the leaf's smallest magnitude, else +inf (all
+    zeros, all ones, most entries tied at zero, a single entry). A start with no degenerate
+    leaf gives the paper's estimates and states exactly, step after step, as masks move."""
+    kw, km = jax.random.split(jax.random.key(1))
+    thresholds = variants.sparse_thresholds({
+        "w": jax.random.normal(kw, (8,)), "zeros": jnp.zeros(5), "ones": -jnp.ones((2, 3)),
+        "mostly_zero": jnp.array([0.0, 0.0, 0.0, 1.0, 2.0]), "scalar": jnp.array(0.3)}, 0.5)
+    assert np.isfinite(thresholds["w"])
+    assert all(np.isinf(thresholds[name]) for name in ("zeros", "ones", "mostly_zero", "scalar"))
+    masks = variants.sparse_masks({"b": jnp.zeros(3)}, 0.5)
+    assert bool(masks["b"].all())
+
+    params = {"w": jax.random.normal(kw, (8,)), "m": jax.random.normal(km, (3, 4))}
+    loss = lambda p: jnp.sum(jnp.sin(p["w"]) ** 2) + jnp.sum((p["m"] - 1.0) ** 2)  # noqa: E731
+    new = zojax.sparse_two_point(0.1, 3, sparsity=0.5)
+    old = zojax.two_point(0.1, 3, direction=_paper_sparse_perturbation(0.5))
+    new_state, old_state = new.init(params), old.init(params)
+    assert all(np.isfinite(h) for h in jax.tree.leaves(new_state.perturbation_state))
+    update = jax.jit(lambda opt, state, p: opt.update(None, state, p, value_fn=loss),
+                     static_argnums=0)
+    for _ in range(4):
+        new_g, new_state = update(new, new_state, params)
+        old_g, old_state = update(old, old_state, params)
+        jax.tree.map(np.testing.assert_array_equal, _bits((new_g, new_state)),
+                     _bits((old_g, old_state)))
+        params = jax.tree.map(lambda p, g: p - 0.2 * g, params, new_g)

@@ -2,6 +2,7 @@
 
 from zojax import (
     blocks,
+    compose,
     datasets,
     directions,
     estimators,
@@ -11,6 +12,7 @@ from zojax import (
     weightings,
 )
 from zojax.blocks import partition_blocks
+from zojax.compose import fill_masked
 from zojax.curvature import (
     hessian_diagonal,
     hessian_spectrum,
@@ -32,6 +34,7 @@ from zojax.estimators import (
 from zojax.transforms import (
     TwoPointState,
     block_two_point,
+    chain,
     estimator_transform,
     forward_gradient,
     natural,
@@ -50,10 +53,13 @@ __all__ = [
     "TwoPointState",
     "block_two_point",
     "blocks",
+    "chain",
+    "compose",
     "datasets",
     "directions",
     "estimator_transform",
     "estimators",
+    "fill_masked",
     "forward_grad",
     "forward_gradient",
     "fzoo",

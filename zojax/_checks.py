@@ -1,5 +1,6 @@
 """Argument validation shared by the estimators and transforms."""
 
+import inspect
 import math
 import numbers
 from collections.abc import Iterable
@@ -63,11 +64,72 @@ def check_choice(name: str, value, choices: Iterable[str]) -> None:
 
 
 def check_float_params(params) -> None:
-    """Raises TypeError when a leaf of ``params`` is not floating point."""
+    """Raises TypeError when a leaf of ``params`` is not a floating-point array."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct):
+            where = jax.tree_util.keystr(path) or "params"
+            raise TypeError(
+                f"zeroth-order estimators need params that are arrays; {where} is a "
+                f"{type(leaf).__name__}. Convert them first: params = jax.tree.map(jnp.asarray, "
+                "params).")
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             where = jax.tree_util.keystr(path) or "params"
             raise TypeError(
                 f"zeroth-order estimators need floating-point params; {where} has dtype {dtype}."
             )
+
+
+def _describe_key(value) -> str:
+    """What ``value`` is, for the error of :func:`check_prng_key`, with a hint."""
+    dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return (f"a batch of PRNG keys of shape {tuple(shape)}: pass one key (jax.vmap the "
+                    "call over a batch)")
+        what = f"an array of shape {tuple(shape)} and dtype {dtype}"
+    else:
+        name = type(value).__name__
+        what = f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+    return f"{what}. Was the key left out?"
+
+
+def _signature(function) -> str:
+    """``name(arg, *args, keyword=default, **kwargs)``: ``function``'s call, no annotations."""
+    signature = inspect.signature(function)
+    signature = signature.replace(
+        parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+        return_annotation=signature.empty)
+    return f"{function.__name__}{signature}"
+
+
+def _raw_key_shape() -> tuple:
+    """The shape of the default PRNG implementation's raw key data, ``(2,)`` for threefry."""
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+
+
+def check_prng_key(key, function, *, allow_none: bool = False) -> None:
+    """Raises TypeError unless ``key`` is one PRNG key, naming it and ``function``'s signature.
+
+    For the functions called ``function(fun, key, params, *args, ...)``. One key is a typed key
+    array of shape ``()`` (``jax.random.key``) or raw key data: a uint32 array of the default
+    implementation's key shape (``(2,)`` for threefry, ``jax.random.PRNGKey``). Dtypes and
+    shapes are static, so the check holds for tracers too (under ``jit``, and inside ``vmap``
+    where a batch of keys is seen one key at a time).
+
+    TypeError, as Python raises for a call with a missing positional argument and JAX for a
+    value that is not a key: the usual mistake is a call without the key, which shifts
+    ``params`` (a pytree) into its place and every later argument one place to the left.
+    """
+    if key is None and allow_none:
+        return
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and shape is not None:
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            if tuple(shape) == ():
+                return
+        elif dtype == jnp.uint32 and tuple(shape) == _raw_key_shape():
+            return
+    raise TypeError(
+        f"{_signature(function)}: the second argument, key, must be a PRNG key "
+        f"(jax.random.key(0)); got {_describe_key(key)}")

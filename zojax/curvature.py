@@ -1,7 +1,9 @@
 r"""Curvature of an objective: Hessian traces, diagonals, :math:`\operatorname{tr}H^2` and spectrum.
 
 Every function is called directly, ``fun`` first: ``hessian_trace(fun, params, *args)`` with
-``fun(params, *args, **kwargs) -> scalar`` (the random ones key first after ``fun``). Hessian-vector
+``fun(params, *args, **kwargs) -> scalar``; the random ones take a PRNG key after ``fun``,
+``hutchinson_trace(fun, key, params, *args, ...)``, and raise a TypeError showing that signature
+when the key is left out (:func:`zojax._checks.check_prng_key`). Hessian-vector
 products are jvp-of-grad, :math:`H v = \partial_t \nabla f(x + t v)|_{t=0}`, so the
 :math:`d\times d` Hessian is never formed.
 
@@ -179,6 +181,7 @@ def hutchinson_trace(fun, key, params, *args, num_samples: int, chunk_size: int 
     Returns:
         ``(estimate, stderr)``.
     """
+    _checks.check_prng_key(key, hutchinson_trace)
     return _hvp_samples(fun, key, params, args, kwargs, _tree_vdot, num_samples=num_samples,
                         chunk_size=chunk_size, direction=direction)
 
@@ -215,6 +218,7 @@ def hutchinson_diagonal(fun, key, params, *args, num_samples: int,
         >>> estimate.tolist(), stderr.tolist()
         ([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
     """
+    _checks.check_prng_key(key, hutchinson_diagonal)
     estimate, stderr = _hvp_samples(fun, key, params, args, kwargs,
                                     lambda v, hv: jax.tree.map(jnp.multiply, v, hv),
                                     num_samples=num_samples, chunk_size=chunk_size,
@@ -258,6 +262,7 @@ def hessian_square_trace(fun, key, params, *args, num_samples: int, exact: bool 
         ...                                         num_samples=4)]  # Rademacher: exact here
         [14.0, 0.0]
     """
+    _checks.check_prng_key(key, hessian_square_trace, allow_none=exact)
     _checks.check_positive_int("num_samples", num_samples)
     if exact:
         _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
@@ -286,6 +291,7 @@ def zo_trace(fun, key, params, *args, delta, num_samples: int, chunk_size: int |
     Returns:
         ``(estimate, stderr)``.
     """
+    _checks.check_prng_key(key, zo_trace)
     _checks.check_positive_finite("delta", delta)
     _checks.check_positive_int("num_samples", num_samples)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
@@ -422,6 +428,7 @@ def hessian_top_eigenvalue(fun, key, params, *args, num_iters: int = 100,
     orthogonality only to Ritz vectors that have converged (Paige 1980), at the price of copies
     of converged values.
     """
+    _checks.check_prng_key(key, hessian_top_eigenvalue)
     _checks.check_positive_int("num_iters", num_iters)
     hvp, x = _batched_hvp(fun, params, args, kwargs)
     alphas, betas = _lanczos(hvp, key[None], x, min(num_iters, x.size),
@@ -494,6 +501,7 @@ def hessian_spectrum(fun, key, params, *args, num_iters: int, num_samples: int,
         >>> weights.sum(axis=1).round(4).tolist()
         [1.0, 1.0]
     """
+    _checks.check_prng_key(key, hessian_spectrum)
     _checks.check_positive_int("num_iters", num_iters)
     _checks.check_positive_int("num_samples", num_samples)
     hvp, x = _batched_hvp(fun, params, args, kwargs)

@@ -85,14 +85,20 @@ def as_objective(fun: Callable, name: str = "fun") -> Objective:
     """``fun`` as an :class:`Objective` whose value and line form check their output shapes.
 
     Raises (when called):
-        ValueError: the value is not a scalar, or the line form does not return one value per
-            step (the message names ``name`` and the shapes).
+        ValueError: the value is not a scalar (a ``(loss, aux)`` pair included), or the line
+            form does not return one value per step (the message names ``name`` and the
+            shapes).
     """
     value = fun.value if isinstance(fun, Objective) else fun
     along = fun.along if isinstance(fun, Objective) else getattr(fun, "along", None)
 
     def checked_value(*args, **kwargs):
         out = value(*args, **kwargs)
+        if isinstance(out, tuple | list | dict):
+            raise ValueError(
+                f"{name} must return a scalar loss, got a {type(out).__name__} (a (loss, aux) "
+                "pair?). zojax's estimators only evaluate the loss and have no has_aux: pass "
+                f"{name}=lambda p: loss_and_aux(p)[0], and compute aux apart from the step.")
         if jnp.shape(out) != ():
             raise ValueError(f"{name} must return a scalar, got an output of shape "
                              f"{jnp.shape(out)}.")

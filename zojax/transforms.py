@@ -16,9 +16,18 @@ in traced arithmetic, so ``optax.inject_hyperparams`` can lift them into the sta
 ``scheme`` and ``chunk_size`` change shapes or the program itself and are static: give
 ``num_directions`` (and a callable ``direction``) in ``static_args`` of ``inject_hyperparams``.
 
-Non-finite losses: when any objective evaluation of a step is ``nan``/``inf``, the step returns a
-zero update (parameters stay unchanged and finite) and ``state.num_nonfinite`` is incremented,
-so a diverging run never silently corrupts its parameters; watch that counter.
+Non-finite losses: when any objective evaluation of a step is ``nan``/``inf``, the estimator
+returns a zero update and increments ``state.num_nonfinite``; :func:`chain` (which the aliases
+are) then also keeps the state of the transforms after the estimator, so the params and the
+optimizer's state are untouched and a diverging run never silently corrupts its parameters
+(in a plain ``optax.chain``, Adam's momentum would still move them). Watch that counter.
+
+Incoming updates: an estimator computes its estimate from ``value_fn`` alone, so ``update``
+refuses array ``updates`` (None and ``optax.MaskedNode`` leaves pass): wrappers that feed it
+updates (``optax.MultiSteps`` or ``optax.apply_if_finite`` around it, a transform chained
+before it) would be silently ignored. The error says what to do instead; see
+:mod:`zojax.compose`. A transform before the estimator that passes ``None`` through unchanged
+cannot be detected: put every transform after the estimator.
 """
 
 import functools
@@ -31,7 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from zojax import _checks, blocks, estimators
+from zojax import _checks, blocks, compose, estimators
 from zojax.directions import Perturbation, Sampler, as_perturbation
 
 
@@ -62,6 +71,26 @@ def _as_key(seed) -> jax.Array:
     if seed.shape != () or not jnp.issubdtype(seed.dtype, jnp.integer):
         raise ValueError(f"seed must be an int or a PRNG key, got {seed!r}.")
     return jax.random.key(seed)
+
+
+def _check_seed(seed) -> None:
+    """Raises ValueError unless ``seed`` is one int seed or one PRNG key (from shapes and dtypes
+    alone: under ``inject_hyperparams`` it is traced)."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        return
+    dtype, shape = getattr(seed, "dtype", None), getattr(seed, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        ok = shape == ()
+    elif dtype is not None and jnp.issubdtype(dtype, jnp.integer):
+        ok = shape == () or (shape == (2,) and dtype == jnp.uint32)  # an int, raw key data
+    else:
+        ok = False
+    if not ok:
+        what = f"an array of shape {shape} and dtype {dtype}" if dtype is not None else repr(seed)
+        raise ValueError(
+            f"seed must be one int or one PRNG key (e.g. jax.random.key(0)), got {what}. For "
+            "one optimizer per key, vmap over the construction: jax.vmap(lambda key: "
+            "zojax.zo_sgd(..., seed=key).init(params))(keys).")
 
 
 def _where(pred, new, old):
@@ -118,6 +147,8 @@ def estimator_transform(estimate: Callable, seed=0, *,
         4
     """
 
+    _check_seed(seed)
+
     def init_fn(params):
         _checks.check_float_params(params)
         perturbation_state = () if init_perturbation is None else init_perturbation(params)
@@ -128,14 +159,18 @@ def estimator_transform(estimate: Callable, seed=0, *,
                              num_queries=jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-        del updates
+        compose.check_updates(updates, name)
         if value_fn is None:
+            given = (f" It was given the keyword arguments {sorted(extra_args)}, which it "
+                     "passes on and does not evaluate: is one of them the objective?"
+                     if extra_args else "")
             raise ValueError(
-                f"{name}.update needs the objective as a keyword argument: "
-                "opt.update(grads, state, params, value_fn=lambda p: loss(p, batch)).")
+                f"{name}.update needs the objective as the keyword argument value_fn: "
+                f"opt.update(None, state, params, value_fn=lambda p: loss(p, batch)).{given}")
         if params is None:
             raise ValueError(f"{name}.update needs params: opt.update(None, state, params, "
                              "value_fn=...).")
+        compose.check_masked_objective(params, value_fn, name)
         key, step_key = jax.random.split(state.key)
         out = estimate(step_key, estimators.as_objective(value_fn, "value_fn"), params,
                        state.perturbation_state, **extra_args)
@@ -414,6 +449,74 @@ def natural(smoothing, num_directions: int = 1, *, max_block_size: int, fisher: 
                                name="natural")
 
 
+def _estimator_states(state) -> list:
+    return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, TwoPointState))
+            if isinstance(s, TwoPointState)]
+
+
+def chain(estimator: optax.GradientTransformation, *transforms: optax.GradientTransformation
+          ) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(estimator, *transforms)``, except that a step the estimator skipped
+    changes nothing after it.
+
+    A zojax estimator returns a zero update on a step whose loss was not finite and counts it
+    in ``num_nonfinite``; in a plain ``optax.chain`` the transforms after it would still move
+    (Adam's momentum, weight decay, a schedule's count). Here, on such a step, the update is
+    zero and the state of ``transforms`` is kept as it was: the params and the optimizer are
+    untouched, and only the estimator's own state records the step (its ``count``, ``key``,
+    ``num_nonfinite`` and ``num_queries`` move on; its perturbation state is kept but for its
+    step counters). The aliases (:func:`zo_sgd`, :func:`zo_adam`, :func:`zo_sign_sgd`,
+    :func:`zest`) are such chains.
+
+    The transforms after the estimator also receive the step's loss as the extra argument
+    ``value`` (the estimator's ``state.value``; a ``value`` given to ``update`` wins), so
+    ``optax.contrib.reduce_on_plateau`` placed after the estimator sees the loss of every step.
+
+    The state is ``optax.chain``'s: a tuple whose first entry is the estimator's state (a
+    :class:`TwoPointState`, possibly inside a wrapper's state), then one state per transform.
+
+    Args:
+        estimator: a zojax transform, alone or inside optax wrappers (``inject_hyperparams``,
+            ``masked``, ``multi_transform``): its state must hold a :class:`TwoPointState`.
+        *transforms: the optax transforms that turn the estimate into an update.
+
+    Example:
+        >>> import jax.numpy as jnp, optax
+        >>> opt = chain(two_point(1e-3, 4), optax.adam(0.1))
+        >>> params = jnp.ones(2)
+        >>> state = opt.init(params)
+        >>> nan_loss = lambda p: jnp.sum(p ** 2) * jnp.nan
+        >>> updates, new_state = opt.update(None, state, params, value_fn=nan_loss)
+        >>> updates.tolist(), int(new_state[0].num_nonfinite), int(new_state[1][0].count)
+        ([0.0, 0.0], 1, 0)
+    """
+    stages = tuple(optax.with_extra_args_support(t) for t in (estimator, *transforms))
+
+    def init_fn(params):
+        state = tuple(t.init(params) for t in stages)
+        if not _estimator_states(state[0]):
+            raise ValueError(
+                "zojax.chain's first transform must be a zojax estimator (e.g. "
+                "zojax.two_point(...)), alone or inside optax wrappers; its state holds no "
+                "zojax.TwoPointState. For first-order chains use optax.chain.")
+        return state
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, first = stages[0].update(updates, state[0], params, **extra_args)
+        pairs = list(zip(_estimator_states(state[0]), _estimator_states(first)))
+        skipped = functools.reduce(jnp.logical_or, [new.num_nonfinite != old.num_nonfinite
+                                                    for old, new in pairs])
+        extra_args = {"value": pairs[0][1].value, **extra_args}
+        rest = []
+        for stage, old in zip(stages[1:], state[1:]):
+            updates, new = stage.update(updates, old, params, **extra_args)
+            rest.append(jax.tree.map(functools.partial(_where, skipped), old, new))
+        updates = jax.tree.map(lambda u: jnp.where(skipped, jnp.zeros_like(u), u), updates)
+        return updates, (first, *rest)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _check_learning_rate(learning_rate) -> None:
     if not callable(learning_rate):  # schedules are checked by optax
         _checks.check_positive_finite("learning_rate", learning_rate)
@@ -424,7 +527,7 @@ def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
            chunk_size: int | None = None, seed=0,
            directions_sharding: NamedSharding | None = None
            ) -> optax.GradientTransformationExtraArgs:
-    """ZO-SGD: ``chain(two_point(smoothing, num_directions, ...), sgd(learning_rate))``.
+    """ZO-SGD: ``zojax.chain(two_point(smoothing, num_directions, ...), sgd(learning_rate))``.
 
     The keyword arguments are those of :func:`two_point` (explicit, so that
     ``optax.inject_hyperparams(zo_sgd, static_args=("num_directions",))`` works).
@@ -435,7 +538,7 @@ def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
         >>> state = opt.init(jnp.ones(2))
     """
     _check_learning_rate(learning_rate)
-    return optax.chain(
+    return chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.sgd(learning_rate))
@@ -446,9 +549,10 @@ def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.9
             chunk_size: int | None = None, seed=0,
             directions_sharding: NamedSharding | None = None
             ) -> optax.GradientTransformationExtraArgs:
-    """ZO-Adam: ``chain(two_point(...), adam(learning_rate, b1, b2, eps))``."""
+    """ZO-Adam: ``zojax.chain(two_point(...), adam(learning_rate, b1, b2, eps))``: a skipped
+    (non-finite) step leaves Adam's moments and count as they were (see :func:`chain`)."""
     _check_learning_rate(learning_rate)
-    return optax.chain(
+    return chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
@@ -461,7 +565,7 @@ def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, *,
                 ) -> optax.GradientTransformationExtraArgs:
     """ZO-signSGD: steps of ``-learning_rate · sign(ĝ)``."""
     _check_learning_rate(learning_rate)
-    return optax.chain(
+    return chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
@@ -471,7 +575,7 @@ def zest(learning_rate, smoothing, tilt, num_directions: int, *, direction: str 
          antithetic: bool = True, chunk_size: int | None = None, seed=0,
          directions_sharding: NamedSharding | None = None
          ) -> optax.GradientTransformationExtraArgs:
-    """ZEST: ``chain(tilted(smoothing, tilt, num_directions, ...), sgd(learning_rate))``.
+    """ZEST: ``zojax.chain(tilted(smoothing, tilt, num_directions, ...), sgd(learning_rate))``.
 
     The keyword arguments are those of :func:`tilted`.
 
@@ -481,7 +585,7 @@ def zest(learning_rate, smoothing, tilt, num_directions: int, *, direction: str 
         >>> state = opt.init(jnp.ones(2))
     """
     _check_learning_rate(learning_rate)
-    return optax.chain(
+    return chain(
         tilted(smoothing, tilt, num_directions, direction=direction, antithetic=antithetic,
                chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding),
         optax.sgd(learning_rate))
