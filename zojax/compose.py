@@ -82,8 +82,8 @@ def fill_masked(fun: Callable, params) -> Objective:
         >>> updates, state = tx.update({"head": None, "body": 2 * params["body"]},
         ...                            tx.init(params), params,
         ...                            value_fn=zojax.fill_masked(loss, params))
-        >>> updates["body"].tolist()  # the first-order part, as optax.sgd made it
-        [-0.2, -0.2, -0.2]
+        >>> bool(jnp.allclose(updates["body"], -0.2))  # the first-order part, as sgd made it
+        True
     """
     value = fun.value if isinstance(fun, Objective) else fun
     along = fun.along if isinstance(fun, Objective) else getattr(fun, "along", None)

@@ -77,7 +77,7 @@ def _lanczos(hvp, keys, x, num_steps: int, *, reorthogonalize: bool):
         vectors, beta_prev = carry
         v = jax.lax.dynamic_index_in_dim(vectors, j % slots, axis=1, keepdims=False)
         v_prev = jax.lax.dynamic_index_in_dim(vectors, (j - 1) % slots, axis=1, keepdims=False)
-        w = hessian_vector_product(v)
+        w = hvp(v)
         alpha = jnp.sum(w * v, axis=-1)
         w = w - alpha[:, None] * v - beta_prev[:, None] * v_prev
         norm = jnp.linalg.norm(w, axis=-1)

@@ -97,7 +97,7 @@ def estimator_transform(estimate: Callable, seed=0, *,
 
     Args:
         estimate: ``estimate(key, value_fn, params, perturbation_state, **extra_args) ->
-            zojax.pipeline.Estimate`` (``value_fn`` is an :class:`zojax.estimators.Objective`
+            zojax.pipeline.Estimate`` (``value_fn`` is an :class:`zojax.objective.Objective`
             that checks its outputs).
         seed: int seed or typed PRNG key.
         init_perturbation: ``init(params) -> perturbation_state`` (default: no state).
@@ -109,10 +109,10 @@ def estimator_transform(estimate: Callable, seed=0, *,
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from zojax import estimators
+        >>> from zojax.methods.two_point import two_point_estimate
         >>> def estimate(key, value_fn, params, state, **extra_args):
         ...     return two_point_estimate(value_fn, key, params, smoothing=0.01,
-        ...                                          num_directions=2, perturbation_state=state)
+        ...                               num_directions=2, perturbation_state=state)
         >>> opt = estimator_transform(estimate, seed=0)
         >>> g, state = opt.update(None, opt.init(jnp.ones(2)), jnp.ones(2),
         ...                       value_fn=lambda p: jnp.sum(p ** 2))

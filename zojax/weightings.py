@@ -24,7 +24,7 @@ device with the weighting's ``reduce``: collectives whose operands are one accum
   of (count, mean, M₂).
 
 A weighting that needs every value before it can weight any (rank-based shaping) is two passes:
-a first :func:`zojax.estimators.partial_estimate` collects the values, a second weights them.
+a first :func:`zojax.pipeline.partial_estimate` collects the values, a second weights them.
 """
 
 from collections.abc import Callable
