@@ -1,4 +1,4 @@
-"""The numpy baselines of ``benchmarks.experiments``: the Figure-1 and Figure-2 runs as plain
+"""The numpy baselines of ``benchmarks.figures``: the Figure-1 and Figure-2 runs as plain
 numpy loops doing the same steps as the experiments (same update rules, Gaussian directions from
 numpy's ``Generator``, metrics at the same evaluation steps).
 

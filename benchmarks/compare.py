@@ -1,6 +1,6 @@
 """Side-by-side timing of two zojax trees, old and new alternating, per-round new/old ratios.
 
-Issues 9 and 10: the lines of ``benchmarks.core`` and of ``benchmarks.experiments``, shortened.
+Issues 9 and 10: the lines of ``benchmarks.core`` and of ``benchmarks.figures``, shortened.
 
 Run from the repository root (the new tree)::
 
@@ -21,7 +21,7 @@ commands keep their meaning and duration; ``experiments``; ``all``: both):
   ``block_until_ready``) and the memory lines' compiled bytes (argument + output + temp −
   alias, in MiB); then Figure 2's smoke command of each tree, each with a fresh workdir and a
   fresh (cold) JAX persistent compilation cache.
-- ``experiments``: the timing lines of ``benchmarks.experiments`` on shortened workloads, each
+- ``experiments``: the timing lines of ``benchmarks.figures`` on shortened workloads, each
   command in a fresh subprocess of the tree: Figure 1 (50,000 steps): compute (results.json's
   ``wall_seconds`` summed over programs, the better of the two runs) and the whole command with
   a cold (empty) and then a warm (the same folder again) compilation cache; Figure 2 (a7a and
@@ -276,7 +276,7 @@ def main():
     parser.add_argument("--old-commit", help="make a temporary git worktree of this commit")
     parser.add_argument("--new", type=Path, default=HERE.parents[1], help="(default: this repo)")
     parser.add_argument("--suite", choices=SUITES, default="core",
-                        help="which lines: benchmarks.core's, benchmarks.experiments', or all "
+                        help="which lines: benchmarks.core's, benchmarks.figures', or all "
                              "(default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny workloads (a check)")
@@ -324,5 +324,5 @@ def main():
 
 if __name__ == "__main__":
     if sys.path and Path(sys.path[0]).resolve() == HERE.parent:  # benchmarks/ must not shadow
-        sys.path.pop(0)  # the tree under test (benchmarks/experiments.py vs experiments/)
+        sys.path.pop(0)  # the tree under test
     main()

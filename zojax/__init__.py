@@ -1,56 +1,58 @@
 """zojax: zeroth-order optimization in JAX, and the flatness of the minima it finds."""
 
 from zojax import (
+    alias,
     blocks,
     compose,
     datasets,
     directions,
     estimators,
+    methods,
+    objective,
+    pipeline,
     problems,
+    spectrum,
+    transform,
     transforms,
     variants,
     weightings,
 )
+from zojax.alias import chain, zest, zo_adam, zo_sgd, zo_sign_sgd
 from zojax.blocks import partition_blocks
 from zojax.compose import fill_masked
 from zojax.curvature import (
     hessian_diagonal,
-    hessian_spectrum,
     hessian_square_trace,
-    hessian_top_eigenvalue,
     hessian_trace,
     hutchinson_diagonal,
     hutchinson_trace,
-    spectral_density,
     zo_trace,
 )
-from zojax.estimators import (
+from zojax.methods import (
+    block_two_point,
     forward_grad,
+    forward_gradient,
+    fzoo,
+    hizoo,
+    lozo,
+    natural,
+    sparse_two_point,
+    tilted,
     tilted_grad,
     tilted_value,
+    two_point,
     zo_grad,
+    zo_svrg,
     zo_value_and_grad,
 )
-from zojax.transforms import (
-    TwoPointState,
-    block_two_point,
-    chain,
-    estimator_transform,
-    forward_gradient,
-    natural,
-    tilted,
-    two_point,
-    zest,
-    zo_adam,
-    zo_sgd,
-    zo_sign_sgd,
-)
-from zojax.variants import fzoo, hizoo, lozo, sparse_two_point, zo_svrg
+from zojax.spectrum import hessian_spectrum, hessian_top_eigenvalue, spectral_density
+from zojax.transform import EstimatorState, TwoPointState, estimator_transform
 
 __version__ = "0.1.0"
 
+
 __all__ = [
-    "TwoPointState",
+    "alias",
     "block_two_point",
     "blocks",
     "chain",
@@ -59,6 +61,7 @@ __all__ = [
     "directions",
     "estimator_transform",
     "estimators",
+    "EstimatorState",
     "fill_masked",
     "forward_grad",
     "forward_gradient",
@@ -72,16 +75,22 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "lozo",
+    "methods",
     "natural",
+    "objective",
     "partition_blocks",
+    "pipeline",
     "problems",
     "sparse_two_point",
+    "spectrum",
     "spectral_density",
-    "transforms",
     "tilted",
     "tilted_grad",
     "tilted_value",
+    "transform",
+    "transforms",
     "two_point",
+    "TwoPointState",
     "variants",
     "weightings",
     "zest",
@@ -89,7 +98,7 @@ __all__ = [
     "zo_grad",
     "zo_sgd",
     "zo_sign_sgd",
-    "zo_trace",
     "zo_svrg",
+    "zo_trace",
     "zo_value_and_grad",
 ]

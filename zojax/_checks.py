@@ -56,6 +56,12 @@ def check_int_like(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
 
+def check_bool(name: str, value) -> None:
+    """Raises ValueError unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+
+
 def check_choice(name: str, value, choices: Iterable[str]) -> None:
     """Raises ValueError unless ``value`` is one of ``choices``."""
     choices = tuple(choices)

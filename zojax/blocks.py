@@ -30,6 +30,7 @@ that block's Fisher is refreshed. The unconditional covariance is then :math:`\f
 \operatorname{blockdiag}(\Sigma_b)` (``cov_matvec``). With ``block_coordinate=False`` every block
 is perturbed at once and a refresh refreshes every block.
 
+
 Storage: :math:`F_b` and :math:`L_b` for at most :math:`M` blocks (``max_fisher_blocks``), one
 float32 array of shape :math:`(M, 2, N, N)`, :math:`2MN^2` numbers; :math:`\Sigma_b` is never
 stored (:math:`L_b L_b^\top`). A step without a refresh reads one :math:`L_b` and writes nothing
@@ -59,14 +60,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from zojax import _backend, _checks, directions
-from zojax.directions import Perturbation
+from zojax import _checks, _cpu, directions, weightings
 
 FISHERS = ("softmax", "gaussian")
 JACOBIANS = ("zeroth_order", "autodiff")
-BLOCK_DIRECTIONS = ("gaussian", "coordinate")
-# prepare() draws the step's block from fold_in(key, _BLOCK_TAG), independent of the directions.
-_BLOCK_TAG = directions.CONTEXT_TAG
+# prepare() draws the step's block from fold_in(key, BLOCK_TAG), independent of the directions.
+BLOCK_TAG = directions.CONTEXT_TAG
 
 
 class Layout(NamedTuple):
@@ -111,16 +110,16 @@ def partition_blocks(params, max_block_size: int) -> list[tuple[int, int]]:
 # Flat vectors and blocks.
 
 
-def _flat_dtype(params):
+def flat_dtype(params):
     return jnp.result_type(*(leaf.dtype for leaf in jax.tree.leaves(params)))
 
 
-def _to_flat(tree):
+def to_flat(tree):
     return ravel_pytree(tree)[0]
 
 
-def _to_tree(flat, like):
-    """The inverse of :func:`_to_flat` for the shapes and dtypes of ``like`` (which may hold
+def to_tree(flat, like):
+    """The inverse of :func:`to_flat` for the shapes and dtypes of ``like`` (which may hold
     ``jax.ShapeDtypeStruct`` leaves: ``ravel_pytree``'s unravel needs arrays)."""
     leaves, treedef = jax.tree.flatten(like)
     out, offset = [], 0
@@ -131,84 +130,29 @@ def _to_tree(flat, like):
     return treedef.unflatten(out)
 
 
-def _padded(flat, lay: Layout):
+def pad_blocks(flat, lay: Layout):
     return jnp.pad(flat, (0, lay.num_blocks * lay.size - lay.dim))
 
 
-def _embed(block, b, like, lay: Layout):
+def embed(block, b, like, lay: Layout):
     """The pytree like ``like`` that is ``block`` (N,) on block ``b`` and zero elsewhere."""
     zeros = jnp.zeros(lay.num_blocks * lay.size, block.dtype)
-    return _to_tree(lax.dynamic_update_slice(zeros, block, (b * lay.size,))[:lay.dim], like)
+    return to_tree(lax.dynamic_update_slice(zeros, block, (b * lay.size,))[:lay.dim], like)
 
 
-def _block_index(key, lay: Layout):
-    return jax.random.randint(jax.random.fold_in(key, _BLOCK_TAG), (), 0, lay.num_blocks)
+def block_index(key, lay: Layout):
+    return jax.random.randint(jax.random.fold_in(key, BLOCK_TAG), (), 0, lay.num_blocks)
 
 
-def _block_normal(key, like, shape):
-    return _backend.normal(key, shape, _flat_dtype(like))
+def block_normal(key, like, shape):
+    return _cpu.normal(key, shape, flat_dtype(like))
 
 
-def _coordinate_block(key, b, like, lay: Layout):
+def coordinate_block(key, b, like, lay: Layout):
     size = lay.block_size(b)
     index = jax.random.randint(key, (), 0, size)
     hot = jnp.arange(lay.size) == index
-    return (hot * jnp.sqrt(size.astype(jnp.float32))).astype(_flat_dtype(like))
-
-
-# ---------------------------------------------------------------------------------------------
-# ZO-I and ZO-coordinate on blocks (stateless).
-
-
-def block_perturbation(max_block_size: int, direction: str = "gaussian", *,
-                       block_coordinate: bool = True) -> Perturbation:
-    r"""ZO-I (``"gaussian"``, :math:`r \sim N(0, I)`) or ZO-co (``"coordinate"``,
-    :math:`\sqrt{N_b}\,e_j`, :math:`j` uniform in the block) on the blocks of
-    :func:`partition_blocks`.
-
-    With ``block_coordinate`` one block per step (drawn in ``prepare``) is perturbed, so
-    :math:`\mathbb{E}[u u^\top \mid b] = I_b` and :math:`\mathbb{E}[u u^\top] = I / B`; without,
-    every block at once: :math:`N(0, I_d)`, or :math:`\sqrt{d}\,e_i` with :math:`i` uniform over
-    all coordinates (:func:`zojax.directions.coordinate`).
-    """
-    _checks.check_positive_int("max_block_size", max_block_size)
-    _checks.check_choice("direction", direction, BLOCK_DIRECTIONS)
-    _check_bool("block_coordinate", block_coordinate)
-
-    def init(params):
-        del params
-        return ()
-
-    def prepare(key, params, state):
-        del state
-        return _block_index(key, layout(params, max_block_size)) if block_coordinate else ()
-
-    def sample(key, params, state, context):
-        del state
-        lay = layout(params, max_block_size)
-        if block_coordinate:
-            if direction == "gaussian":
-                block = _block_normal(key, params, (lay.size,))
-            else:
-                block = _coordinate_block(key, context, params, lay)
-            return _embed(block, context, params, lay)
-        if direction == "coordinate":
-            return directions.coordinate(key, params)
-        flat = _block_normal(key, params, (lay.num_blocks * lay.size,))
-        return _to_tree(flat[:lay.dim], params)
-
-    def update(state, key, params, values, **extra_args):
-        del key, params, values, extra_args
-        return state
-
-    def cov_matvec(state, v):
-        del state
-        if not block_coordinate:
-            return v
-        num_blocks = layout(v, max_block_size).num_blocks
-        return jax.tree.map(lambda x: x / num_blocks, v)
-
-    return Perturbation(init, prepare, sample, update, cov_matvec)
+    return (hot * jnp.sqrt(size.astype(jnp.float32))).astype(flat_dtype(like))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,17 +171,17 @@ def block_jacobian(output_fn, params, block: int | jax.Array, max_block_size: in
     """
     _checks.check_choice("jacobian", jacobian, JACOBIANS)
     lay = layout(params, max_block_size)
-    padded = _padded(_to_flat(params), lay)
+    padded = pad_blocks(to_flat(params), lay)
     start = block * lay.size
     z0 = lax.dynamic_slice(padded, (start,), (lay.size,))
 
     def outputs_at(z):
-        return output_fn(_to_tree(lax.dynamic_update_slice(padded, z, (start,))[:lay.dim],
+        return output_fn(to_tree(lax.dynamic_update_slice(padded, z, (start,))[:lay.dim],
                                   params))
 
     base = outputs_at(z0)
     size = lay.block_size(block)
-    accumulate = _backend.accumulator_dtype(base.dtype)
+    accumulate = weightings.accumulator_dtype(base.dtype)
     if jacobian == "zeroth_order":
         eps = jnp.finfo(z0.dtype).eps
         step = jnp.sqrt(eps).astype(z0.dtype) * jnp.maximum(1, jnp.abs(z0))
@@ -258,7 +202,7 @@ def block_jacobian(output_fn, params, block: int | jax.Array, max_block_size: in
     return base, lax.map(column, jnp.arange(lay.size))
 
 
-def _fisher_from_jacobian(base, jac, fisher: str, num_inputs):
+def fisher_from_jacobian(base, jac, fisher: str, num_inputs):
     """``F = Σ_i w_i J_iᵀ G_i J_i`` over the rows of the outputs, ``w_i = [i < m] / min(n, m)``.
 
     Softmax: ``G_i = diag(p_i) − p_i p_iᵀ``, so ``F = R Rᵀ − V Vᵀ`` with ``R = J·√(w p)`` (the
@@ -296,7 +240,7 @@ def block_fisher(output_fn, params, block, max_block_size: int, *, fisher: str =
     _checks.check_choice("fisher", fisher, FISHERS)
     lay = layout(params, max_block_size)
     base, jac = block_jacobian(output_fn, params, block, max_block_size, jacobian=jacobian)
-    fisher_matrix = _fisher_from_jacobian(base, jac, fisher, num_fisher_inputs)
+    fisher_matrix = fisher_from_jacobian(base, jac, fisher, num_fisher_inputs)
     valid = jnp.arange(lay.size) < lay.block_size(block)
     fisher_matrix = jnp.where(valid[:, None] & valid[None, :], fisher_matrix,
                               jnp.diag(jnp.where(valid, 0, 1).astype(fisher_matrix.dtype)))
@@ -336,250 +280,15 @@ def covariance_factor(fisher, damping):
     return jnp.sqrt((1 + damping) / scale) * inv_t[::-1, ::-1]
 
 
-# ---------------------------------------------------------------------------------------------
-# The natural perturbation (stateful).
+_MOVED = {"block_perturbation": "block_two_point", "BLOCK_DIRECTIONS": "block_two_point",
+          **{name: "natural" for name in ("NaturalState", "NaturalOptions", "validate_natural",
+                                          "refresh", "natural_perturbation")}}
 
 
-class NaturalState(NamedTuple):
-    """State of :func:`natural_perturbation` (``M`` slots of blocks, ``B`` blocks, ``N`` size).
+def __getattr__(name):
+    """The ZO-NP and ZO-I stages moved to :mod:`zojax.methods` (this release re-exports them)."""
+    if name in _MOVED:
+        import importlib
 
-    ``fisher`` and ``factor`` are views of ``matrices``: a refresh writes a block's F and L in one
-    in-place update (written separately, the second write's inputs would read the first array
-    after it was overwritten, and XLA copies the whole array to keep them apart).
-    """
-
-    # (M, 2, N, N) float32: per slot, F_b (I when never set) and L_b (Σ_b = L_b L_bᵀ).
-    matrices: jax.Array
-    slot_of_block: jax.Array  # (B,) int32: each block's slot, -1 for none (Σ = I).
-    block_of_slot: jax.Array  # (M,) int32: each slot's block, -1 when free.
-    refreshed_at: jax.Array  # (M,) int32: the step of each slot's last refresh (-1: never).
-    count: jax.Array  # int32 scalar: steps seen (a refresh when count % update_every == 0).
-    num_refreshes: jax.Array  # int32 scalar: blocks refreshed so far.
-
-    @property
-    def fisher(self) -> jax.Array:
-        """(M, N, N): the Fisher F_b of the block in each slot."""
-        return self.matrices[:, 0]
-
-    @property
-    def factor(self) -> jax.Array:
-        """(M, N, N): the factor L_b of the block in each slot."""
-        return self.matrices[:, 1]
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}.")
-
-
-def validate_natural(max_block_size, fisher, damping, ema, update_every, num_fisher_inputs,
-                     jacobian, block_coordinate, max_fisher_blocks):
-    """Raises ValueError naming the first invalid argument of :func:`natural_perturbation`."""
-    _checks.check_positive_int("max_block_size", max_block_size)
-    _checks.check_choice("fisher", fisher, FISHERS)
-    _checks.check_positive_finite("damping", damping)
-    number = _checks.concrete_value(ema)
-    if not isinstance(ema, jax.core.Tracer) and (number is None or not 0 < number <= 1):
-        raise ValueError(f"ema must be a number in (0, 1], got {ema!r}.")
-    _checks.check_int_like("update_every", update_every)
-    _checks.check_int_like("num_fisher_inputs", num_fisher_inputs)
-    _checks.check_choice("jacobian", jacobian, JACOBIANS)
-    _check_bool("block_coordinate", block_coordinate)
-    _checks.check_positive_int("max_fisher_blocks", max_fisher_blocks, allow_none=True)
-
-
-class NaturalOptions(NamedTuple):
-    """The options of :func:`natural_perturbation` (validated by :func:`validate_natural`)."""
-
-    max_block_size: int
-    fisher: str = "softmax"
-    damping: object = 0.1
-    ema: object = 0.01
-    update_every: object = 100
-    num_fisher_inputs: object = 100
-    jacobian: str = "zeroth_order"
-    block_coordinate: bool = True
-    max_fisher_blocks: int | None = None
-
-
-def _num_slots(opts: NaturalOptions, lay: Layout) -> int:
-    if opts.max_fisher_blocks is None:
-        return lay.num_blocks
-    slots = min(opts.max_fisher_blocks, lay.num_blocks)
-    if slots < lay.num_blocks and not opts.block_coordinate:
-        raise ValueError(
-            f"max_fisher_blocks={opts.max_fisher_blocks} is below the {lay.num_blocks} blocks of "
-            "params: keeping only some blocks' matrices needs block_coordinate=True (with "
-            "block_coordinate=False every block is perturbed and refreshed each time).")
-    return slots
-
-
-def _refresh_block(opts: NaturalOptions, state, params, output_fn, b, due, enabled):
-    """Refresh block ``b`` when ``due``, keeping it unless ``enabled``: ``(state, finite,
-    queries)``.
-
-    One ``lax.cond`` holds all of it, the writes included, so a step without a refresh touches
-    none of the (M, N, N) arrays (they pass through the branch in place). ``due`` only depends
-    on the step count: under a ``vmap`` over seeds it stays unbatched and the branch a real one
-    (a batched predicate would compute both branches at every step). ``enabled`` only gates
-    the write.
-    """
-    lay = layout(params, opts.max_block_size)
-
-    def fresh(state):
-        current = state.slot_of_block[b]
-        has_slot = current >= 0
-        # A block without a slot takes a free one, else the least recently refreshed one.
-        free_first = jnp.where(state.block_of_slot < 0, -2, state.refreshed_at)
-        slot = jnp.where(has_slot, current, jnp.argmin(free_first)).astype(jnp.int32)
-        old = state.matrices[slot]
-        old_fisher = old[0]
-        new, finite, queries = block_fisher(output_fn, params, b, opts.max_block_size,
-                                            fisher=opts.fisher, jacobian=opts.jacobian,
-                                            num_fisher_inputs=opts.num_fisher_inputs)
-        previous = jnp.where(has_slot, old_fisher, jnp.eye(lay.size, dtype=old_fisher.dtype))
-        mixed = jnp.where(finite, opts.ema * new + (1 - opts.ema) * previous, previous)
-        write = enabled & finite
-        evicted = state.block_of_slot[slot]
-        slot_of_block = state.slot_of_block.at[
-            jnp.where(evicted >= 0, evicted, lay.num_blocks)].set(-1, mode="drop").at[b].set(slot)
-        state = state._replace(
-            matrices=state.matrices.at[slot].set(jnp.where(
-                write, jnp.stack([mixed, covariance_factor(mixed, opts.damping)]), old)),
-            slot_of_block=jnp.where(write, slot_of_block, state.slot_of_block),
-            block_of_slot=jnp.where(write, state.block_of_slot.at[slot].set(b),
-                                    state.block_of_slot),
-            refreshed_at=jnp.where(write, state.refreshed_at.at[slot].set(state.count),
-                                   state.refreshed_at),
-            num_refreshes=state.num_refreshes + write.astype(jnp.int32))
-        return state, finite, queries
-
-    def skip(state):
-        return state, jnp.array(True), jnp.zeros((), jnp.int32)
-
-    return lax.cond(due, fresh, skip, state)
-
-
-def refresh(opts: NaturalOptions, state: NaturalState, key, params, output_fn, enabled=True):
-    """``(state, finite, num_queries)`` after a step of :func:`natural_perturbation`.
-
-    At steps ``count % update_every == 0`` the Fisher of the step's block (of every block, with
-    ``block_coordinate=False``) is computed (its queries counted) and, when ``enabled`` (the
-    step's losses were finite) and finite itself, written; ``count`` advances by one.
-    ``finite`` is False when a refresh met non-finite outputs.
-
-    Raises:
-        ValueError: ``output_fn`` is None (the message shows how to pass it).
-    """
-    if output_fn is None:
-        raise ValueError(
-            "natural needs the model outputs for its Fisher: pass output_fn at every update, "
-            "opt.update(None, state, params, value_fn=lambda p: loss(p, batch), "
-            "output_fn=lambda p: model.apply(p, batch_x)) (logits (n, classes) for "
-            "fisher='softmax').")
-    lay = layout(params, opts.max_block_size)
-    due = state.count % opts.update_every == 0
-    no_queries = jnp.zeros((), jnp.int32)
-    if opts.block_coordinate:
-        state, finite, queries = _refresh_block(opts, state, params, output_fn,
-                                                _block_index(key, lay), due, enabled)
-    else:
-        def every_block(state):
-            def body(b, carry):
-                state, ok, q = _refresh_block(opts, carry[0], params, output_fn, b, True,
-                                              enabled)
-                return state, carry[1] & ok, carry[2] + q
-
-            return lax.fori_loop(0, lay.num_blocks, body, (state, jnp.array(True), no_queries))
-
-        state, finite, queries = lax.cond(
-            due, every_block, lambda state: (state, jnp.array(True), no_queries), state)
-    return state._replace(count=state.count + 1), finite, queries
-
-
-def natural_perturbation(max_block_size: int, *, fisher: str = "softmax", damping=0.1,
-                         ema=0.01, update_every=100, num_fisher_inputs=100,
-                         jacobian: str = "zeroth_order", block_coordinate: bool = True,
-                         max_fisher_blocks: int | None = None) -> Perturbation:
-    r"""The natural (Fisher-shaped, block-diagonal) perturbation of ZO-NP; see the module doc.
-
-    Its state is a :class:`NaturalState`. ``update(state, key, params, values, *, output_fn)``
-    is :func:`refresh` (``output_fn(params) -> outputs``, e.g. logits (n, classes); give it at
-    every step: the refresh is a traced branch); a step whose ``values`` are not finite
-    refreshes nothing.
-
-    Args:
-        max_block_size: :math:`N`, at most this many entries per block (static).
-        fisher: ``"softmax"`` or ``"gaussian"``, the output-space Fisher :math:`G`.
-        damping: :math:`\rho > 0` (may be traced).
-        ema: :math:`\alpha \in (0, 1]`, the weight of a new Fisher (may be traced).
-        update_every: steps between refreshes (an int, may be traced).
-        num_fisher_inputs: the rows of the outputs the Fisher averages over (may be traced).
-        jacobian: ``"zeroth_order"`` (output queries) or ``"autodiff"`` (``jax.jvp``).
-        block_coordinate: perturb one sampled block per step (else every block at once).
-        max_fisher_blocks: keep at most this many blocks' matrices (static; None: all); fewer
-            than the blocks of the parameters needs ``block_coordinate=True``.
-
-    Raises:
-        ValueError: an invalid argument, named (at construction); ``max_fisher_blocks`` below
-            the number of blocks with ``block_coordinate=False`` (at ``init``).
-    """
-    validate_natural(max_block_size, fisher, damping, ema, update_every, num_fisher_inputs,
-                     jacobian, block_coordinate, max_fisher_blocks)
-    opts = NaturalOptions(max_block_size, fisher, damping, ema, update_every,
-                          num_fisher_inputs, jacobian, block_coordinate, max_fisher_blocks)
-
-    def init(params):
-        lay = layout(params, max_block_size)
-        slots = _num_slots(opts, lay)
-        dtype = _backend.accumulator_dtype(_flat_dtype(params))
-        eye = jnp.broadcast_to(jnp.eye(lay.size, dtype=dtype), (slots, 2, lay.size, lay.size))
-        full = slots == lay.num_blocks  # then slot b holds block b, always
-        block_ids = jnp.arange(lay.num_blocks, dtype=jnp.int32)
-        return NaturalState(
-            matrices=eye,
-            slot_of_block=block_ids if full else jnp.full(lay.num_blocks, -1, jnp.int32),
-            block_of_slot=block_ids if full else jnp.full(slots, -1, jnp.int32),
-            refreshed_at=jnp.full(slots, -1, jnp.int32),
-            count=jnp.zeros((), jnp.int32), num_refreshes=jnp.zeros((), jnp.int32))
-
-    def prepare(key, params, state):
-        if not block_coordinate:
-            return ()
-        lay = layout(params, max_block_size)
-        b = _block_index(key, lay)
-        return b, state.slot_of_block[b]
-
-    def sample(key, params, state, context):
-        lay = layout(params, max_block_size)
-        dtype = _flat_dtype(params)
-        if block_coordinate:
-            b, slot = context
-            r = _block_normal(key, params, (lay.size,)).astype(state.matrices.dtype)
-            shaped = state.matrices[jnp.maximum(slot, 0), 1] @ r
-            if state.matrices.shape[0] < lay.num_blocks:  # a block without a slot: Σ = I
-                shaped = jnp.where(slot >= 0, shaped, r)
-            return _embed(shaped.astype(dtype), b, params, lay)
-        r = _block_normal(key, params, (lay.num_blocks * lay.size,))
-        r = r.reshape(lay.num_blocks, lay.size).astype(state.matrices.dtype)
-        flat = jnp.einsum("bij,bj->bi", state.matrices[:, 1], r).astype(dtype).reshape(-1)
-        return _to_tree(flat[:lay.dim], params)
-
-    def update(state, key, params, values, *, output_fn=None, **extra_args):
-        del extra_args
-        return refresh(opts, state, key, params, output_fn, jnp.all(jnp.isfinite(values)))[0]
-
-    def cov_matvec(state, v):
-        lay = layout(v, max_block_size)
-        blocks = _padded(_to_flat(v), lay).reshape(lay.num_blocks, lay.size)
-        blocks = blocks.astype(state.matrices.dtype)
-        # Σ_b v_b = L_b (L_bᵀ v_b) for the blocks with a slot; the others keep v_b (Σ = I).
-        held = jnp.where(state.block_of_slot >= 0, state.block_of_slot, lay.num_blocks)
-        picked = blocks.at[held].get(mode="fill", fill_value=0)
-        shaped = jnp.einsum("mij,mkj,mk->mi", state.factor, state.factor, picked)
-        out = blocks.at[held].set(shaped, mode="drop").reshape(-1)[:lay.dim]
-        if block_coordinate:
-            out = out / lay.num_blocks
-        return _to_tree(out.astype(_flat_dtype(v)), v)
-
-    return Perturbation(init, prepare, sample, update, cov_matvec)
+        return getattr(importlib.import_module(f"zojax.methods.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'zojax.blocks' has no attribute {name!r}")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zojax.estimators import Objective
+from zojax.objective import Objective
 
 WRAPPERS_HELP = """\
 Likely causes, and what to do instead:

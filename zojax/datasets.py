@@ -286,6 +286,7 @@ def synthetic_libsvm(seed: int = 0, like: str = "a5a") -> LibsvmData:
 # ---------------------------------------------------------------------------------------------
 # IDX files (MNIST, FashionMNIST).
 
+
 IDX_DATASETS = ("mnist", "fashion_mnist")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

@@ -20,6 +20,7 @@ two-point estimate then has mean :math:`\Sigma \nabla f`. A plain *sampler*
 ``direction`` argument of zojax takes a name of :data:`SAMPLERS`, a sampler or a
 :class:`Perturbation` (:func:`as_perturbation`).
 
+
 Convention: every named sampler is *isotropic*, :math:`\mathbb{E}[u u^\top] = I` over the
 flattened parameters of size :math:`d`, so a smoothing :math:`\lambda` is the same perturbation
 size for every kind and :math:`\mathbb{E}[(u^\top g)\, u] = g`:
@@ -45,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zojax import _backend
+from zojax import _cpu
 
 Sampler = Callable[[jax.Array, object], object]
 
@@ -168,7 +169,7 @@ def gaussian(key, params):
     """
     leaves, treedef, keys = _leaf_keys(key, params)
     return treedef.unflatten(
-        [_backend.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+        [_cpu.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
     )
 
 
@@ -176,14 +177,14 @@ def rademacher(key, params):
     """Independent ±1 entries, so ``E[u uᵀ] = I``."""
     leaves, treedef, keys = _leaf_keys(key, params)
     return treedef.unflatten(
-        [_backend.rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+        [_cpu.rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
     )
 
 
 def sphere(key, params):
     """``√d · v`` with ``v`` uniform on the unit sphere of all ``d`` parameters; ``E[u uᵀ] = I``."""
     leaves, treedef, keys = _leaf_keys(key, params)
-    normals = [_backend.normal(k, leaf.shape, jnp.float32) for k, leaf in zip(keys, leaves)]
+    normals = [_cpu.normal(k, leaf.shape, jnp.float32) for k, leaf in zip(keys, leaves)]
     sq_norm = sum(jnp.sum(jnp.square(n)) for n in normals)
     scale = jnp.sqrt(num_params(params) / sq_norm)
     return treedef.unflatten(
@@ -215,15 +216,3 @@ SAMPLERS: dict[str, Sampler] = {
 
 # The one registry of direction names: every `direction` argument is checked against it.
 PERTURBATIONS: dict[str, Perturbation] = {name: stateless(fn) for name, fn in SAMPLERS.items()}
-
-
-def get_sampler(direction: str | Sampler) -> Sampler:
-    """Returns the sampler named ``direction``, or ``direction`` itself when it is callable."""
-    if callable(direction):
-        return direction
-    if isinstance(direction, str) and direction in SAMPLERS:
-        return SAMPLERS[direction]
-    raise ValueError(
-        f"direction must be one of {tuple(SAMPLERS)} or a callable sample(key, params), "
-        f"got {direction!r}."
-    )

@@ -17,12 +17,14 @@ device with the weighting's ``reduce``: collectives whose operands are one accum
   soft-max objective's self-normalized estimate).
 - :func:`log_mean_exp`: :math:`\frac1t\log\frac1n\sum_i e^{t f_i}` and its standard error by
   the delta method (a tilted objective's value).
+- :func:`tilted`: the softmax scaled by :math:`1/(t\lambda)`, the estimate of
+  :func:`zojax.tilted_grad`.
 - :func:`mean_and_sem`: the mean and standard error of one sample per direction, a scalar
   (trace estimators) or a pytree like params (diagonal estimators), by Chan's parallel update
   of (count, mean, M₂).
 
 A weighting that needs every value before it can weight any (rank-based shaping) is two passes:
-a first :func:`zojax.estimators.partial_estimate` collects the values, a second weights them.
+a first :func:`zojax.pipeline.partial_estimate` collects the values, a second weights them.
 """
 
 from collections.abc import Callable
@@ -31,7 +33,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from zojax import _backend
+from zojax import _cpu
+
+
+def accumulator_dtype(dtype):
+    """The dtype sums of directions are accumulated in: float32 or wider."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 class Weighting(NamedTuple):
@@ -64,12 +71,12 @@ def all_reduce(weighting: Weighting, acc, axis_name):
 
 
 def _zeros_like_params(params):
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, _backend.accumulator_dtype(p.dtype)),
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, accumulator_dtype(p.dtype)),
                         params)
 
 
 def _scalar_dtype(params):
-    return _backend.accumulator_dtype(jnp.result_type(*(p.dtype for p in jax.tree.leaves(params))))
+    return accumulator_dtype(jnp.result_type(*(p.dtype for p in jax.tree.leaves(params))))
 
 
 class MeanState(NamedTuple):
@@ -95,7 +102,7 @@ def mean(coefficients: Callable[[jax.Array], jax.Array]) -> Weighting:
         return MeanState(_zeros_like_params(params), jnp.zeros((), jnp.int32))
 
     def add(acc, values, directions):
-        total = _backend.weighted_sum(coefficients(values), directions, acc.total)
+        total = _cpu.weighted_sum(coefficients(values), directions, acc.total)
         return MeanState(total, acc.count + values.shape[0])
 
     def combine(a, b):
@@ -152,7 +159,7 @@ def softmax(tilt, signs=(1.0, -1.0)) -> Weighting:
         s = signs.astype(shifted.dtype)
         coefficients = jnp.expm1(shifted) @ s + jnp.sum(s)
         total, norm = rescale(acc, new_max)
-        total = _backend.weighted_sum(coefficients, directions, total)
+        total = _cpu.weighted_sum(coefficients, directions, total)
         return SoftmaxState(new_max, total, norm + jnp.sum(jnp.exp(shifted)))
 
     def combine(a, b):
@@ -293,3 +300,19 @@ def mean_and_sem(samples: Callable[[Any], Any], per_coordinate: bool = False) ->
         return acc.mean, jax.tree.map(sem, acc.m2)
 
     return Weighting(init, add, combine, finalize)
+
+
+def tilted(smoothing, tilt, antithetic: bool = True) -> Weighting:
+    r"""The weighting of :func:`zojax.tilted_grad`,
+    :math:`\frac{1}{t\lambda}\sum_{ik} w_{ik} s_k u_i`.
+
+    A :func:`zojax.weightings.softmax` over the values (``(n, 2)``, ``f(x ± λu)``, antithetic;
+    ``(n, 1)``, ``f(x + λu)``, otherwise), scaled by :math:`1/(t\lambda)` before the cast to the
+    parameters' dtype.
+    """
+    softmax_ = softmax(tilt, (1.0, -1.0) if antithetic else (1.0,))
+
+    def finalize(acc):
+        return jax.tree.map(lambda g: g / (tilt * smoothing), softmax_.finalize(acc))
+
+    return softmax_._replace(finalize=finalize)

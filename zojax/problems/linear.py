@@ -8,7 +8,7 @@ the N × D matrix.
 The logistic loss comes exact (``logistic_loss``) and clipped as scikit-learn's ``log_loss``
 computes it (``clipped_logistic_loss``, the loss of the paper's public code). Every loss has a
 line form ``loss.along(w, u, steps, features, labels)``, f(w + t u) for every step t, which the
-two-point estimators use (see :func:`zojax.estimators.bind`). With an :class:`AffineFeatures` map
+two-point estimators use (see :func:`zojax.objective.bind`). With an :class:`AffineFeatures` map
 it applies the map to w and u, not to every point w ± λu: q directions cost 1 + q columns instead
 of 2q, and a vmapped sweep sharing its directions computes X u once. :data:`LOSSES` names them.
 
@@ -215,7 +215,7 @@ def _affine_products_jvp(primals, tangents):
 
 
 def _along(margin_loss):
-    """The line form (see :func:`zojax.estimators.bind`) of f(w) = mean ℓ(bᵢ xᵢᵀw):
+    """The line form (see :func:`zojax.objective.bind`) of f(w) = mean ℓ(bᵢ xᵢᵀw):
     f(w + t u) = mean ℓ(bᵢ xᵢᵀw + t bᵢ xᵢᵀu) for every step t, with X w and X u from one
     product for an :class:`AffineFeatures` map. A dense X is multiplied with the points w + t u
     themselves: on a CPU that product is bound by reading X, once either way."""

@@ -255,7 +255,7 @@ def test_forward_grad_is_the_zero_smoothing_limit(x64):
 def test_directions_are_isotropic(direction, x64):
     """E[u uᵀ] = I for every named sampler (the convention that makes λ comparable)."""
     params = _params()
-    sample = zojax.directions.get_sampler(direction)
+    sample = zojax.directions.SAMPLERS[direction]
     u = jax.vmap(lambda k: _flat_jnp(sample(k, params)))(jax.random.split(jax.random.key(0),
                                                                            NUM_SAMPLES))
     second_moment = np.asarray(u.T @ u / NUM_SAMPLES)

@@ -3,8 +3,8 @@ r"""Benchmarks of natural perturbations (ZO-NP, ``zojax.natural``) against ZO-I 
 
 Run from the repository root::
 
-    python -m benchmarks.natural           # full run (a few minutes on 2 CPU cores)
-    python -m benchmarks.natural --quick   # sanity run: small models, few rounds, no targets
+    python -m benchmarks.natural_cost           # full run (a few minutes on 2 CPU cores)
+    python -m benchmarks.natural_cost --quick   # sanity run: small models, few rounds, no targets
 
 Both estimators are chained with ``optax.sgd`` and share q (``num_directions``), the block size
 N (``max_block_size``), the smoothing and block-coordinate sampling (one block per step). Every

@@ -12,7 +12,7 @@ import pytest
 from stages import diagonal_perturbation
 
 import zojax
-from zojax import _backend, estimators, weightings
+from zojax import _cpu, estimators, weightings
 
 Z_MAX = 4.5  # |mean − expected| / standard error, per coordinate
 
@@ -341,7 +341,7 @@ def test_zo_trace_direction_and_line_form(x64):
 @pytest.mark.parametrize("scheme", ["central", "forward"])
 @pytest.mark.parametrize("chunk_size", [None, 3])
 def test_default_backend_path_gives_the_same_estimates(scheme, chunk_size, x64):
-    """The plain branches of zojax._backend (other platforms) agree with the CPU tricks."""
+    """The plain branches of zojax._cpu (other platforms) agree with the CPU tricks."""
     key, params = jax.random.key(2), _params(jnp.float64)
     kwargs = dict(smoothing=0.1, num_directions=7, scheme=scheme, chunk_size=chunk_size)
 
@@ -350,7 +350,7 @@ def test_default_backend_path_gives_the_same_estimates(scheme, chunk_size, x64):
                                 for d in ("gaussian", "rademacher", "sphere")])()
 
     cpu = estimates()
-    with _backend.force_default():
+    with _cpu.force_default():
         default = estimates()
     chex.assert_trees_all_close(default, cpu, rtol=1e-12, atol=1e-14)
 
@@ -360,7 +360,7 @@ def test_default_backend_path_samples_and_steps():
     params = _params()
     key = jax.random.key(5)
     fused = zojax.directions.gaussian(key, params)
-    with _backend.force_default():
+    with _cpu.force_default():
         plain = zojax.directions.gaussian(key, params)
         final, state = jax.jit(functools.partial(
             _run, zojax.zo_sgd(0.05, 0.01, num_directions=2, chunk_size=1), num_steps=20))(params)

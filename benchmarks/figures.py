@@ -1,8 +1,8 @@
 r"""Benchmarks of the Figure 1 and Figure 2 experiments (issue 3, section 5), ratios in one run.
 
-    python -m benchmarks.experiments            # the full benchmark (~5-8 min on 2 cores)
-    python -m benchmarks.experiments --quick    # a fast sanity run (fewer steps; no targets)
-    python -m benchmarks.experiments --only fig1 [--only sweep ...]
+    python -m benchmarks.figures            # the full benchmark (~5-8 min on 2 cores)
+    python -m benchmarks.figures --quick    # a fast sanity run (fewer steps; no targets)
+    python -m benchmarks.figures --only fig1 [--only sweep ...]
 
 What it measures (every JAX number comes from the experiments' own code, as users run it):
 

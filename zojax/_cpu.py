@@ -6,6 +6,13 @@ branch alone, any other backend the plain one). Every trick says what it buys; t
 branches are what the estimators would be without them, and :func:`force_default` runs them on a
 CPU too, so both are tested here.
 
+The switch: set the environment variable ``ZOJAX_CPU_TRICKS=0`` (read when a program is traced)
+to trace the plain branches everywhere, e.g. to rule the tricks out when a result looks wrong, or
+use ``with zojax._cpu.force_default():`` around the tracing of one program. Results are the same
+either way (bit for bit for the directions; the sums up to rounding); only speed and memory
+change, and the memory figures of ``benchmarks/`` assume the tricks on (the fused sampler is what
+lets XLA fuse a direction into its consumers).
+
 - Fused Threefry (:func:`normal`, :func:`rademacher`): the same bits as ``jax.random`` from jnp
   ops that fuse into one kernel with the float conversion, ~2.5x faster draws and 3.5 fewer
   parameter-sized buffers in a ``chunk_size=1`` step.
@@ -19,6 +26,7 @@ CPU too, so both are tested here.
 import contextlib
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,20 +46,17 @@ def force_default():
         _FORCED.pop()
 
 
+def _off() -> bool:
+    return bool(_FORCED) or os.environ.get("ZOJAX_CPU_TRICKS", "1") == "0"
+
+
 def select(*operands, cpu, default):
-    """``cpu(*operands)`` when lowered for a CPU, else ``default(*operands)``."""
-    if _FORCED:
+    """``cpu(*operands)`` when lowered for a CPU, else ``default(*operands)`` (and everywhere
+    while the tricks are off: ``ZOJAX_CPU_TRICKS=0`` or :func:`force_default`)."""
+    if _off():
         return default(*operands)
     return lax.platform_dependent(*operands, cpu=cpu, default=default)
 
-
-# ---------------------------------------------------------------------------------------------
-# Fused Threefry. On CPU, jax lowers its threefry2x32 primitive as a rolled 5-step loop: each
-# step is a pass over memory, its uint32 state and counters are parameter-sized buffers, and
-# nothing fuses with the consumer. The helpers below compute exactly the same bits
-# (jax_threefry_partitionable counters, 20 rounds) as plain jnp ops that XLA fuses into one
-# kernel. Other key implementations, legacy raw keys, float64 and
-# jax_threefry_partitionable=False fall back to jax.random.
 
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -126,16 +131,12 @@ def _sample(key, shape, dtype, kind, forced):
 
 def normal(key, shape, dtype):
     """``jax.random.normal(key, shape, dtype)``, bit for bit (fused Threefry on CPU)."""
-    return _sample(key, tuple(shape), jnp.dtype(dtype), "normal", bool(_FORCED))
+    return _sample(key, tuple(shape), jnp.dtype(dtype), "normal", _off())
 
 
 def rademacher(key, shape, dtype):
     """``jax.random.rademacher(key, shape, dtype)``, bit for bit (fused Threefry on CPU)."""
-    return _sample(key, tuple(shape), jnp.dtype(dtype), "rademacher", bool(_FORCED))
-
-
-# ---------------------------------------------------------------------------------------------
-# Drawing directions, summing them.
+    return _sample(key, tuple(shape), jnp.dtype(dtype), "rademacher", _off())
 
 
 def _computed_once(fn):
@@ -179,13 +180,9 @@ def draw(sample_one, indices, dim: int, regenerate: bool):
 _ELEMENTWISE_SUM_MAX = 8  # on CPU, chunks up to this size accumulate Σ c_j u_j elementwise
 
 
-def accumulator_dtype(dtype):
-    """The dtype sums of directions are accumulated in: float32 or wider."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def weighted_sum(coeffs, directions, acc):
-    """Returns ``acc + Σ_j c_j u_j`` in :func:`accumulator_dtype`, leaf by leaf.
+    """Returns ``acc + Σ_j c_j u_j`` in float32 or wider (the dtype of
+    :func:`zojax.weightings.accumulator_dtype`), leaf by leaf.
 
     ``directions`` is a pytree batch (leading axis ``n``), ``coeffs`` has shape (n,), ``acc``
     the structure of one direction. On CPU, small batches (``chunk_size=1`` above all) are
@@ -194,7 +191,7 @@ def weighted_sum(coeffs, directions, acc):
     """
 
     def leaf(c, u, a, elementwise):
-        dtype = accumulator_dtype(u.dtype)
+        dtype = jnp.promote_types(u.dtype, jnp.float32)
         c, u = c.astype(dtype), u.astype(dtype)
         if elementwise:
             part = sum((c[j] * u[j] for j in range(1, u.shape[0])), c[0] * u[0])

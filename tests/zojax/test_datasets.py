@@ -18,7 +18,7 @@ from zojax.datasets import (
     synthetic_libsvm,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 TINY_TRAIN = "+1 1:0.5 3:1\n\n# a comment line\n-1 2:2.0   # trailing comment\n0\n1 4:-0.25\n"
 TINY_TEST = "-1 1:1\n+1 2:1 4:3\n"
