@@ -73,6 +73,6 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    from experiments import cli
+    from experiments.runner import cli
 
     cli.main(train_and_evaluate)

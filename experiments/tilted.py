@@ -415,6 +415,6 @@ def plot(results: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from experiments import cli
+    from experiments.runner import cli
 
     cli.main(train_and_evaluate)
