@@ -37,13 +37,14 @@ otherwise 1,000 are sampled with ``data_seed`` (SST-5). Training and test inputs
 padded to ``max_length`` = 64 tokens (covering every test sentence); :func:`embed` still
 truncates at 256. ``task="synthetic"`` is an embedded two-class task of made-up reviews (one
 sentiment word among filler words). With ``model="default"`` (the random 2-layer stand-in of
-:func:`experiments.minilm.default`) it needs neither data nor the model package: the smoke test.
+:func:`experiments.models.minilm.default`) it needs neither data nor the model package: the smoke
+test.
 
     python -m experiments.finetune --config configs/finetune.py --config.data_dir=../shared/data \
         --workdir /tmp/zojax/finetune
 
 :func:`embed` gives all-MiniLM-L6-v2's sentence embeddings (the model and its loading are in
-:mod:`experiments.minilm`).
+:mod:`experiments.models.minilm`).
 """
 
 import csv
@@ -59,7 +60,8 @@ import optax
 from absl import logging
 
 import zojax
-from experiments import minilm, runner
+from experiments import runner
+from experiments.models import minilm
 
 NAME = "finetune"
 NUM_CLASSES = {"sst-2": 2, "sst-5": 5, "trec": 6, "synthetic": 2}

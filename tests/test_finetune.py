@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs.finetune import get_config
-from experiments import finetune, minilm, runner
+from experiments import finetune, runner
+from experiments.models import minilm
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_text = pytest.mark.skipif(not (DATA / "text").is_dir(),
