@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import zojax
-from experiments import finetune, runner
+from experiments import runner, text_tasks
 
 NAME = "zo_bench"
 PROBLEMS = ("logistic", "minilm")  # config.problems
@@ -149,12 +149,12 @@ def logistic_problem(config) -> tuple[runner.Problem, dict]:
 
 def minilm_loss(params, batch, model, full):
     del full
-    return finetune.batch_loss(params, batch, model)
+    return text_tasks.batch_loss(params, batch, model)
 
 
 def minilm_extra_args(batch, model, full):
     del batch
-    return {"full_value_fn": lambda params: finetune.batch_loss(params, full, model)}
+    return {"full_value_fn": lambda params: text_tasks.batch_loss(params, full, model)}
 
 
 def minilm_problem(config) -> tuple[runner.Problem, dict]:
@@ -162,13 +162,13 @@ def minilm_problem(config) -> tuple[runner.Problem, dict]:
     large batch."""
     fields = ml_collections.ConfigDict({**config.minilm.to_dict(),
                                         "data_seed": config.data_seed})
-    loaded = finetune.load_model(fields)
-    task = finetune.load_task(fields.task, fields.k, fields.split, config.data_dir,
+    loaded = text_tasks.load_model(fields)
+    task = text_tasks.load_task(fields.task, fields.k, fields.split, config.data_dir,
                               config.data_seed)
     if fields.batch_size > len(task.train_labels):
         raise runner.ConfigError(f"config.minilm.batch_size ({fields.batch_size}) exceeds the "
                                  f"{len(task.train_labels)} training rows of {task.name}.")
-    problem, labels = finetune.problem(fields, task, loaded)
+    problem, labels = text_tasks.problem(fields, task, loaded)
     full = problem.batch_fn.arrays
     problem = dataclasses.replace(problem, loss=minilm_loss, data=(*problem.data, full),
                                   extra_args=minilm_extra_args)
