@@ -52,7 +52,6 @@ all-MiniLM-L6-v2's sentence embeddings (the model and its loading are in
 import math
 
 import numpy as np
-import optax
 from absl import logging
 
 from experiments import runner
@@ -88,10 +87,8 @@ GRADIENT_METHODS = ("sgd", "adam")  # run config.gd_steps; the others config.num
 # ---------------------------------------------------------------------------------------------
 # The experiment.
 
-METHODS = {"sgd": runner.METHODS["gd"],
-           "adam": runner.Method(lambda key, h: optax.adam(h["learning_rate"]), lambda h: 1,
-                                 uses_gradient=True, fields=("learning_rate",)),
-           "zo": runner.METHODS["zo"], "zest": runner.METHODS["zest"]}
+METHODS = {"sgd": runner.method("sgd"), "adam": runner.method("adam"),
+           "zo": runner.method("zo_sgd"), "zest": runner.method("zest")}
 
 
 def _check_config(config, loaded: minilm.Loaded) -> None:

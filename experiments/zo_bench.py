@@ -38,52 +38,22 @@ FIRST_ORDER = ("fo_sgd", "fo_adam")  # deterministic given the batches: seed 0 o
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods: optax optimizers from a member's hyperparameters.
-
-
-def _sgd(estimator, hparams):
-    return optax.chain(estimator, optax.sgd(hparams["learning_rate"]))
-
-
-_ZO = dict(chunk_size=1)  # one direction at a time: MeZO's memory
+# Methods: the runner's registry, one direction at a time (chunk_size=1: MeZO's memory); the
+# estimators are chained with optax.sgd.
 
 METHODS = {
-    "fo_sgd": runner.Method(lambda key, h: optax.sgd(h["learning_rate"]), lambda h: 1,
-                            uses_gradient=True, fields=("learning_rate",)),
-    "fo_adam": runner.Method(lambda key, h: optax.adam(h["learning_rate"]), lambda h: 1,
-                             uses_gradient=True, fields=("learning_rate",)),
-    "zo_sgd": runner.Method(lambda key, h: zojax.zo_sgd(
-        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
-        fields=("learning_rate", "smoothing")),
-    "zo_adam": runner.Method(lambda key, h: zojax.zo_adam(
-        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
-        fields=("learning_rate", "smoothing")),
-    "zo_sign": runner.Method(lambda key, h: zojax.zo_sign_sgd(
-        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
-        fields=("learning_rate", "smoothing")),
-    "forward_grad": runner.Method(lambda key, h: _sgd(zojax.forward_gradient(seed=key), h),
-                                  lambda h: 1, fields=("learning_rate",)),
-    "zest": runner.Method(lambda key, h: zojax.zest(
-        h["learning_rate"], h["smoothing"], h["tilt"], h["num_directions"], seed=key, **_ZO),
-        lambda h: h["num_directions"], traced=("learning_rate", "smoothing", "tilt", "seed"),
-        fields=("learning_rate", "smoothing", "tilt", "num_directions")),
-    "hizoo": runner.Method(lambda key, h: _sgd(zojax.hizoo(
-        h["smoothing"], hessian_smooth=h["hessian_smooth"], seed=key, **_ZO), h), lambda h: 3,
-        fields=("learning_rate", "smoothing", "hessian_smooth")),
-    "lozo": runner.Method(lambda key, h: _sgd(zojax.lozo(
-        h["smoothing"], h["rank"], refresh_every=h["refresh_every"], seed=key, **_ZO), h),
-        lambda h: 2, fields=("learning_rate", "smoothing", "rank", "refresh_every")),
-    "sparse_mezo": runner.Method(lambda key, h: _sgd(zojax.sparse_two_point(
-        h["smoothing"], sparsity=h["sparsity"], seed=key, **_ZO), h), lambda h: 2,
-        fields=("learning_rate", "smoothing", "sparsity")),
-    "fzoo": runner.Method(lambda key, h: _sgd(zojax.fzoo(
-        h["smoothing"], h["num_directions"], seed=key, **_ZO), h),
-        lambda h: h["num_directions"] + 1, fields=("learning_rate", "smoothing",
-                                                   "num_directions")),
-    "zo_svrg": runner.Method(lambda key, h: _sgd(zojax.zo_svrg(
-        h["smoothing"], snapshot_every=h["snapshot_every"], seed=key, **_ZO), h),
-        lambda h: 4 - 2 / h["snapshot_every"],  # 2 on a snapshot step, 4 between
-        fields=("learning_rate", "smoothing", "snapshot_every")),
+    "fo_sgd": runner.method("sgd"),
+    "fo_adam": runner.method("adam"),
+    "zo_sgd": runner.method("zo_sgd", chunk_size=1),
+    "zo_adam": runner.method("zo_adam", chunk_size=1),
+    "zo_sign": runner.method("zo_sign_sgd", chunk_size=1),
+    "forward_grad": runner.method("forward_gradient"),
+    "zest": runner.method("zest", chunk_size=1),
+    "hizoo": runner.method("hizoo", chunk_size=1),
+    "lozo": runner.method("lozo", chunk_size=1),
+    "sparse_mezo": runner.method("sparse_two_point", chunk_size=1),
+    "fzoo": runner.method("fzoo", chunk_size=1),
+    "zo_svrg": runner.method("zo_svrg", chunk_size=1),
 }
 
 

@@ -65,7 +65,7 @@ from experiments.runner.config import (
     validate,
 )
 from experiments.runner.loop import Interrupted, NonFiniteError, load_params, run
-from experiments.runner.methods import METHODS, Method
+from experiments.runner.methods import METHODS, Method, method
 from experiments.runner.program import Arrays, Program, TrainState, step_memory
 from experiments.runner.spec import Experiment, Member, Minibatches, Problem, sweep
 from experiments.runner.storage import load_member, metric_at, non_finite_members, summarize
@@ -75,5 +75,6 @@ __all__ = [
     "ConfigMismatchError", "Experiment", "Interrupted", "Member", "Method", "Minibatches",
     "NonFiniteError", "OldWorkdirError", "Problem", "Program", "TrainState", "as_tuple",
     "check_choices", "check_positive", "chunk_size", "eval_steps", "load_member", "load_params",
-    "metric_at", "non_finite_members", "run", "step_memory", "summarize", "sweep", "validate",
+    "method", "metric_at", "non_finite_members", "run", "step_memory", "summarize", "sweep",
+    "validate",
 ]
