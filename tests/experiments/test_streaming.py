@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experiments/, configs/
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # experiments/, configs/
 
 from experiments import runner  # noqa: E402
 from experiments.runner import groups as runner_groups  # noqa: E402

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experiments/, configs/
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # experiments/, configs/
 
 from configs import test_function as test_function_config  # noqa: E402
 from experiments import runner, test_function  # noqa: E402
