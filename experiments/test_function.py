@@ -97,6 +97,6 @@ def summary(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    from experiments import cli
+    from experiments.runner import cli
 
     cli.main(train_and_evaluate)

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import zojax
-from experiments import finetune, runner
+from experiments import runner, text_tasks
 
 NAME = "zo_bench"
 PROBLEMS = ("logistic", "minilm")  # config.problems
@@ -38,52 +38,22 @@ FIRST_ORDER = ("fo_sgd", "fo_adam")  # deterministic given the batches: seed 0 o
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods: optax optimizers from a member's hyperparameters.
-
-
-def _sgd(estimator, hparams):
-    return optax.chain(estimator, optax.sgd(hparams["learning_rate"]))
-
-
-_ZO = dict(chunk_size=1)  # one direction at a time: MeZO's memory
+# Methods: the runner's registry, one direction at a time (chunk_size=1: MeZO's memory); the
+# estimators are chained with optax.sgd.
 
 METHODS = {
-    "fo_sgd": runner.Method(lambda key, h: optax.sgd(h["learning_rate"]), lambda h: 1,
-                            uses_gradient=True, fields=("learning_rate",)),
-    "fo_adam": runner.Method(lambda key, h: optax.adam(h["learning_rate"]), lambda h: 1,
-                             uses_gradient=True, fields=("learning_rate",)),
-    "zo_sgd": runner.Method(lambda key, h: zojax.zo_sgd(
-        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
-        fields=("learning_rate", "smoothing")),
-    "zo_adam": runner.Method(lambda key, h: zojax.zo_adam(
-        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
-        fields=("learning_rate", "smoothing")),
-    "zo_sign": runner.Method(lambda key, h: zojax.zo_sign_sgd(
-        h["learning_rate"], h["smoothing"], seed=key, **_ZO), lambda h: 2,
-        fields=("learning_rate", "smoothing")),
-    "forward_grad": runner.Method(lambda key, h: _sgd(zojax.forward_gradient(seed=key), h),
-                                  lambda h: 1, fields=("learning_rate",)),
-    "zest": runner.Method(lambda key, h: zojax.zest(
-        h["learning_rate"], h["smoothing"], h["tilt"], h["num_directions"], seed=key, **_ZO),
-        lambda h: h["num_directions"], traced=("learning_rate", "smoothing", "tilt", "seed"),
-        fields=("learning_rate", "smoothing", "tilt", "num_directions")),
-    "hizoo": runner.Method(lambda key, h: _sgd(zojax.hizoo(
-        h["smoothing"], hessian_smooth=h["hessian_smooth"], seed=key, **_ZO), h), lambda h: 3,
-        fields=("learning_rate", "smoothing", "hessian_smooth")),
-    "lozo": runner.Method(lambda key, h: _sgd(zojax.lozo(
-        h["smoothing"], h["rank"], refresh_every=h["refresh_every"], seed=key, **_ZO), h),
-        lambda h: 2, fields=("learning_rate", "smoothing", "rank", "refresh_every")),
-    "sparse_mezo": runner.Method(lambda key, h: _sgd(zojax.sparse_two_point(
-        h["smoothing"], sparsity=h["sparsity"], seed=key, **_ZO), h), lambda h: 2,
-        fields=("learning_rate", "smoothing", "sparsity")),
-    "fzoo": runner.Method(lambda key, h: _sgd(zojax.fzoo(
-        h["smoothing"], h["num_directions"], seed=key, **_ZO), h),
-        lambda h: h["num_directions"] + 1, fields=("learning_rate", "smoothing",
-                                                   "num_directions")),
-    "zo_svrg": runner.Method(lambda key, h: _sgd(zojax.zo_svrg(
-        h["smoothing"], snapshot_every=h["snapshot_every"], seed=key, **_ZO), h),
-        lambda h: 4 - 2 / h["snapshot_every"],  # 2 on a snapshot step, 4 between
-        fields=("learning_rate", "smoothing", "snapshot_every")),
+    "fo_sgd": runner.method("sgd"),
+    "fo_adam": runner.method("adam"),
+    "zo_sgd": runner.method("zo_sgd", chunk_size=1),
+    "zo_adam": runner.method("zo_adam", chunk_size=1),
+    "zo_sign": runner.method("zo_sign_sgd", chunk_size=1),
+    "forward_grad": runner.method("forward_gradient"),
+    "zest": runner.method("zest", chunk_size=1),
+    "hizoo": runner.method("hizoo", chunk_size=1),
+    "lozo": runner.method("lozo", chunk_size=1),
+    "sparse_mezo": runner.method("sparse_two_point", chunk_size=1),
+    "fzoo": runner.method("fzoo", chunk_size=1),
+    "zo_svrg": runner.method("zo_svrg", chunk_size=1),
 }
 
 
@@ -149,12 +119,12 @@ def logistic_problem(config) -> tuple[runner.Problem, dict]:
 
 def minilm_loss(params, batch, model, full):
     del full
-    return finetune.batch_loss(params, batch, model)
+    return text_tasks.batch_loss(params, batch, model)
 
 
 def minilm_extra_args(batch, model, full):
     del batch
-    return {"full_value_fn": lambda params: finetune.batch_loss(params, full, model)}
+    return {"full_value_fn": lambda params: text_tasks.batch_loss(params, full, model)}
 
 
 def minilm_problem(config) -> tuple[runner.Problem, dict]:
@@ -162,13 +132,13 @@ def minilm_problem(config) -> tuple[runner.Problem, dict]:
     large batch."""
     fields = ml_collections.ConfigDict({**config.minilm.to_dict(),
                                         "data_seed": config.data_seed})
-    loaded = finetune.load_model(fields)
-    task = finetune.load_task(fields.task, fields.k, fields.split, config.data_dir,
+    loaded = text_tasks.load_model(fields)
+    task = text_tasks.load_task(fields.task, fields.k, fields.split, config.data_dir,
                               config.data_seed)
     if fields.batch_size > len(task.train_labels):
         raise runner.ConfigError(f"config.minilm.batch_size ({fields.batch_size}) exceeds the "
                                  f"{len(task.train_labels)} training rows of {task.name}.")
-    problem, labels = finetune.problem(fields, task, loaded)
+    problem, labels = text_tasks.problem(fields, task, loaded)
     full = problem.batch_fn.arrays
     problem = dataclasses.replace(problem, loss=minilm_loss, data=(*problem.data, full),
                                   extra_args=minilm_extra_args)
@@ -294,7 +264,7 @@ def plot(results: dict):
 
 
 if __name__ == "__main__":
-    from experiments import cli
+    from experiments.runner import cli
 
     cli.main(train_and_evaluate)
 

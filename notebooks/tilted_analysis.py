@@ -48,7 +48,7 @@ import numpy as np
 
 _start = pathlib.Path(__file__).parent if "__file__" in globals() else pathlib.Path.cwd()
 ROOT = next(p for p in (_start.resolve(), *_start.resolve().parents)
-            if (p / "experiments" / "runner.py").is_file())
+            if (p / "experiments" / "runner" / "__init__.py").is_file())
 sys.path.insert(0, str(ROOT))  # experiments/ is not installed
 
 import zojax  # noqa: E402

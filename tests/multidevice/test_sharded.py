@@ -26,6 +26,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # experime
 
 from benchmarks.sharding import collective_bytes  # noqa: E402
 from experiments import runner  # noqa: E402
+from experiments.runner import groups as runner_groups  # noqa: E402
+from experiments.runner import program  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices: run with XLA_FLAGS="
@@ -224,12 +226,11 @@ def test_sharded_sweeps_equal_the_unsharded_sweep(unsharded_sweep, mesh_shape, t
 
 def test_members_are_split_over_the_members_axis(tmp_path):
     experiment = _sweep_experiment()
-    groups = runner._make_groups(experiment, config=_config(mesh_shape={"members": 8}))
+    groups = runner_groups.make_groups(experiment, config=_config(mesh_shape={"members": 8}))
     (group,) = groups
     assert group.program.members_sharding.spec == PartitionSpec("members")
-    group.state = runner._init(group.program, group.problem.init_params, group.traced)
-    from experiments import program
-    program.place(group)
+    group.state = program.init(group.program, group.problem.init_params, group.traced)
+    runner_groups.place(group)
     shard = jax.tree.leaves(group.state.params)[0].addressable_shards[0]
     assert shard.data.shape == (8, 10)  # 64 members / 8 devices
 

@@ -299,6 +299,7 @@ def test_runner_method_zest_sweeps_tilts_in_one_program(tmp_path):
     import ml_collections
 
     from experiments import runner
+    from experiments.runner import groups as runner_groups
 
     problem = runner.Problem(_loss, lambda p: {"loss": _loss(p)}, _params())
     fields = dict(learning_rate=0.01, smoothing=0.05, tilt=(0.5, 5.0), num_directions=4,
@@ -307,7 +308,7 @@ def test_runner_method_zest_sweeps_tilts_in_one_program(tmp_path):
     experiment = runner.Experiment("zest", members, progress_metrics=("loss",))
     config = ml_collections.ConfigDict(dict(num_steps=20, eval_every=10, log_evals=0,
                                             evals_per_chunk=2, checkpoint_every=1))
-    groups = runner._make_groups(experiment, None, "vmap", config)
+    groups = runner_groups.make_groups(experiment, None, "vmap", config)
     assert len(groups) == 1
     results = runner.run(experiment, config, tmp_path / "run")
     assert [run["hparams"]["tilt"] for run in results["runs"]] == [0.5, 5.0]

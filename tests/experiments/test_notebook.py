@@ -16,7 +16,7 @@ from configs import linear_models as linear_models_config
 from configs import test_function as test_function_config
 from experiments import linear_models, runner, test_function
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "flatness_analysis.py"
 
 

@@ -19,7 +19,7 @@ from configs import tilted as tilted_config
 from experiments import runner, tilted
 from zojax.problems import two_scales
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "tilted_analysis.py"
 CURVATURE = ("loss", "hessian_trace", "hessian_top_eigenvalue", "hessian_square_trace")
 

@@ -1,4 +1,5 @@
-"""The Flax port of all-MiniLM-L6-v2 (experiments/minilm.py) and experiments.finetune.embed.
+"""The Flax port of all-MiniLM-L6-v2 (experiments/models/minilm.py) and
+experiments.finetune.embed.
 
 Tests of the pretrained weights skip, with the install line, when the package is missing; the
 embedded default and the error messages are tested everywhere."""
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import finetune, minilm
+from experiments import finetune
+from experiments.models import minilm
 
 HAS_MODEL = importlib.util.find_spec(minilm.PACKAGE) is not None
 needs_model = pytest.mark.skipif(not HAS_MODEL, reason=f"the model package is not installed: "

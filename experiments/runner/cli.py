@@ -3,7 +3,8 @@
     python -m experiments.<name> --config configs/<name>.py[:variant] --workdir DIR
         [--config.<field>=<value> ...] [--overwrite]
 
-An experiment module ends with ``if __name__ == "__main__": cli.main(train_and_evaluate)``.
+An experiment module ends with ``if __name__ == "__main__": cli.main(train_and_evaluate)``
+(``from experiments.runner import cli``).
 
 Compiled programs are kept in JAX's persistent compilation cache, ``$JAX_COMPILATION_CACHE_DIR``
 or else ``$XDG_CACHE_HOME/zojax/jax`` (``~/.cache/zojax/jax``): compiling is most of a short
@@ -21,7 +22,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import runner
+from experiments.runner.config import ConfigError
+from experiments.runner.loop import Interrupted, NonFiniteError
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -108,10 +110,10 @@ def main(train_and_evaluate: Callable[..., object]) -> None:
         try:
             train_and_evaluate(config.value, workdir.value, overwrite=overwrite.value)
             _exit_now()
-        except runner.Interrupted as interrupted:
+        except Interrupted as interrupted:
             print(interrupted, file=sys.stderr)
             sys.exit(128 + interrupted.signum)
-        except (runner.ConfigError, runner.NonFiniteError) as error:
+        except (ConfigError, NonFiniteError) as error:
             sys.exit(f"error: {error}")
 
     app.run(run, flags_parser=_parse_flags)

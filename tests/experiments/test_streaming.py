@@ -17,9 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experiments/, configs/
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # experiments/, configs/
 
-from experiments import program, runner  # noqa: E402
+from experiments import runner  # noqa: E402
+from experiments.runner import groups as runner_groups  # noqa: E402
+from experiments.runner import program  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -108,14 +110,14 @@ def test_flax_mlp_trains_on_minibatches(uninterrupted):
 def test_sigterm_resume_equals_the_uninterrupted_run(digits, uninterrupted, tmp_path,
                                                      monkeypatch):
     _, expected = uninterrupted
-    run_chunk, sent = program.run_chunk, []
+    run_chunk, sent = runner_groups.run_chunk, []
 
     def chunk_then_terminate(*args):  # one SIGTERM, after the first chunk (a second stops hard)
         run_chunk(*args)
         if not sent:
             sent.append(os.kill(os.getpid(), signal.SIGTERM))
 
-    monkeypatch.setattr(program, "run_chunk", chunk_then_terminate)
+    monkeypatch.setattr(runner_groups, "run_chunk", chunk_then_terminate)
     experiment = digits_experiment(digits_problem(digits))
     with pytest.raises(runner.Interrupted, match="SIGTERM at step 50"):
         runner.run(experiment, digits_config(), tmp_path)
@@ -208,9 +210,9 @@ def test_chunk_memory_is_flat_in_evaluations_per_chunk(digits):
     def temp_bytes(evals, metrics_batch):
         config = digits_config(evals_per_chunk=evals, metrics_batch=metrics_batch,
                                num_steps=evals, eval_every=1)
-        [group] = runner._make_groups(experiment, None, "vmap", config)
-        group.state = runner._init(group.program, problem.init_params, group.traced)
-        [future] = runner._compile([group], jax.random.key(0), _Now())
+        [group] = runner_groups.make_groups(experiment, None, "vmap", config)
+        group.state = program.init(group.program, problem.init_params, group.traced)
+        [future] = runner_groups.compile_groups([group], jax.random.key(0), _Now())
         compiled, _ = future.result()
         return compiled.memory_analysis().temp_size_in_bytes
 

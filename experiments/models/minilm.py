@@ -23,7 +23,7 @@ The port follows Hugging Face's ``BertModel`` as sentence-transformers runs it f
 
 Checked against Hugging Face's own ``FlaxBertModel`` (transformers 4.46.3, which reads the same
 ``model.safetensors`` without torch) on four sentences: the embeddings agree to 1.1e-7 (values
-recorded in ``tests/test_minilm.py``).
+recorded in ``tests/experiments/test_minilm.py``).
 
 Trained parameters: everything but ``embeddings.position_ids`` (an int64 buffer) and the pooler
 (``pooler.dense``, unused by mean pooling): 22,565,376 of the file's 22,713,728 values.

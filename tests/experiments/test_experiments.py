@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # experiments/ and configs/ are not installed
 
 from configs import test_function as test_function_config  # noqa: E402

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.program import TrainState, unstack
-from experiments.spec import ConfigMismatchError, Experiment, Member, OldWorkdirError
+from experiments.runner.config import ConfigMismatchError, OldWorkdirError
+from experiments.runner.program import TrainState, unstack
+from experiments.runner.spec import Experiment, Member
 
 VERSION = 2  # of the workdir layout; 1 (no "version"): checkpoints per vmapped group.
 
@@ -108,7 +109,7 @@ def prepare_workdir(workdir: pathlib.Path, name: str, config: dict, overwrite: b
 
 
 def checkpointer(workdir: pathlib.Path):
-    from experiments import checkpointing  # lazy: imports orbax
+    from experiments.runner import checkpointing  # lazy: imports orbax
 
     return checkpointing.Checkpointer(pathlib.Path(workdir) / "checkpoints")
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs.finetune import get_config
-from experiments import finetune, minilm, runner
+from experiments import finetune, runner, text_tasks
+from experiments.models import minilm
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_text = pytest.mark.skipif(not (DATA / "text").is_dir(),
                                 reason=f"the text data is not under {DATA / 'text'}")
 
@@ -60,8 +61,8 @@ def test_the_synthetic_task_is_balanced_seeded_and_labelled_by_its_sentiment_wor
     assert finetune.synthetic_task(8, num_test=20, seed=1).train_sentences == task.train_sentences
     for sentence, label in zip(task.train_sentences, task.train_labels):
         words = set(sentence.split())
-        assert bool(words & set(finetune._POSITIVE)) == bool(label)
-        assert bool(words & set(finetune._NEGATIVE)) != bool(label)
+        assert bool(words & set(text_tasks._POSITIVE)) == bool(label)
+        assert bool(words & set(text_tasks._NEGATIVE)) != bool(label)
 
 
 def test_the_binary_probe_gives_the_logistic_regressions_decisions():
@@ -98,7 +99,7 @@ def test_the_head_trace_is_the_closed_form():
     x, y = jnp.asarray(rng.normal(size=(7, 6)), jnp.float32), jnp.asarray(rng.integers(0, 3, 7))
     import zojax
 
-    np.testing.assert_allclose(zojax.hessian_trace(finetune._head_loss, head, x, y),
+    np.testing.assert_allclose(zojax.hessian_trace(text_tasks._head_loss, head, x, y),
                                head_trace_closed_form(head, x, y), rtol=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_smoke_head_trace_at_the_start_is_the_closed_form(smoke):
     task = finetune.load_task("synthetic", config.k, None, seed=config.data_seed)
     problem, _ = finetune.problem(config, task, loaded)
     ids, mask, labels = problem.eval_data[3]
-    embedding = finetune._embedding(loaded.model, loaded.params, ids, mask)
+    embedding = text_tasks._embedding(loaded.model, loaded.params, ids, mask)
     expected = head_trace_closed_form(problem.init_params["head"], embedding, labels)
     assert results["runs"][0]["metrics"]["head_hessian_trace"][0] == pytest.approx(
         float(expected), rel=1e-4)

@@ -15,10 +15,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # experiments/, configs/
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # experiments/, configs/
 
 from configs import test_function as test_function_config  # noqa: E402
 from experiments import runner, test_function  # noqa: E402
+from experiments.runner import groups as runner_groups  # noqa: E402
+from experiments.runner import loop  # noqa: E402
 
 
 def run_smoke(config, workdir, **kwargs):
@@ -82,7 +84,7 @@ def test_vmapped_members_equal_standalone_runs(tmp_path, seeds):
     experiment = logistic_experiment(seeds)
     config = schedule_config()  # batch_members: "vmap" (the default)
     together = runner.run(experiment, config, tmp_path / "together")
-    groups = runner._make_groups(experiment, "threefry2x32")
+    groups = runner_groups.make_groups(experiment, "threefry2x32")
     assert len(groups) == 2  # gd, zo
     # One seed: the ZO members share their keys, and the program draws each direction once.
     assert groups[1].program.shared_keys == (len(seeds) == 1)
@@ -136,14 +138,14 @@ def test_results_schema(smoke):
 
 def test_resume_after_sigint_equals_uninterrupted_run(smoke, tmp_path, monkeypatch):
     config, _, expected = smoke
-    compile_groups = runner._compile
+    compile_groups = runner_groups.compile_groups
 
     def compile_then_interrupt(*args):  # the signal arrives while compiling
         seconds = compile_groups(*args)
         os.kill(os.getpid(), signal.SIGINT)
         return seconds
 
-    monkeypatch.setattr(runner, "_compile", compile_then_interrupt)
+    monkeypatch.setattr(runner_groups, "compile_groups", compile_then_interrupt)
     with pytest.raises(runner.Interrupted, match="SIGINT at step"):
         run_smoke(config, tmp_path)
     assert not (tmp_path / "results.json").exists()
@@ -170,7 +172,7 @@ def test_resume_from_an_older_checkpoint(smoke, tmp_path):
 def test_finished_workdir_is_a_noop_that_redraws(smoke, monkeypatch, capsys):
     config, workdir, expected = smoke
     (workdir / "test_function.png").unlink()
-    monkeypatch.setattr(runner, "_train", lambda *args: pytest.fail("trained again"))
+    monkeypatch.setattr(loop, "train", lambda *args: pytest.fail("trained again"))
     assert test_function.train_and_evaluate(config, workdir) == expected
     assert (workdir / "test_function.png").exists()
     assert "Figure 1" in capsys.readouterr().out
@@ -227,13 +229,13 @@ def test_bad_members_are_errors():
     experiment = runner.Experiment("x", [runner.Member("m", "adam", {}, problem)])
     with pytest.raises(ValueError,
                        match=r"unknown method 'adam'.*'forward_grad', 'gd', 'zest', 'zo'"):
-        runner._make_groups(experiment, None)
+        runner_groups.make_groups(experiment, None)
     twice = runner.Member("m", "gd", {"learning_rate": 0.1}, problem)
     with pytest.raises(ValueError, match="distinct names"):
-        runner._make_groups(runner.Experiment("x", [twice, twice]), None)
+        runner_groups.make_groups(runner.Experiment("x", [twice, twice]), None)
     negative = runner.Member("m", "gd", {"learning_rate": -0.1}, problem)
     with pytest.raises(ValueError, match="member 'm': learning_rate must be positive"):
-        runner._make_groups(runner.Experiment("x", [negative]), None)
+        runner_groups.make_groups(runner.Experiment("x", [negative]), None)
 
 
 @pytest.mark.parametrize("batching", ["separate", "vmap"])

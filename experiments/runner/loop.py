@@ -1,46 +1,5 @@
-"""The training loop every experiment shares.
-
-An experiment module builds problems (:class:`Problem`: objective, data, starting point, metrics)
-and runs (:class:`Member`), and calls :func:`run` with them, its config and a workdir:
-
-    problem = runner.Problem(loss=loss, metrics=metrics, init_params=params)
-    members = runner.sweep("gd", config.gd, problem) + runner.sweep("zo", config.zo, problem)
-    runner.run(runner.Experiment("name", members, plot=plot), config, workdir)
-
-The runner
-
-- groups the members that share a problem, a method, the method's static hyperparameters
-  (``num_directions``, ``direction``, ``chunk_size``, ...) and a step budget, stacks their
-  traced ones (``learning_rate``, ``smoothing``, ``seed``) and runs them in one compiled
-  program, vmapped (or, with ``batch_members="separate"``, each member alone in its own run of
-  one shared compilation: faster for tiny problems); programs run side by side on the CPU cores;
-- runs each group's steps as jitted ``lax.scan`` chunks of at most ``evals_per_chunk``
-  evaluations (equal chunks: :func:`chunk_size`); minibatches (``Problem.batch_fn``) are drawn
-  and the metrics computed inside the program (:mod:`experiments.program`); between chunks it
-  appends the metrics, advances a progress bar and writes an orbax checkpoint of every member
-  every ``checkpoint_every`` chunks (and on SIGINT/SIGTERM, before raising
-  :class:`Interrupted`);
-- resumes from the last checkpoint in ``workdir``; on a finished workdir it only prints the
-  summary and redraws the plot; a different config for an existing workdir is an error
-  (:class:`ConfigMismatchError`) unless ``overwrite``, and so is a workdir of an older runner
-  (:class:`OldWorkdirError`);
-- marks a member whose loss turns non-finite, or whose estimator skipped a non-finite step
-  (``num_nonfinite`` grew): its state is frozen at its last good evaluation, its metrics are
-  null from then on, the other members go on, and :class:`NonFiniteError` names it at the end;
-- writes ``workdir/results.json`` (schema in :func:`run`) and ``workdir/<name>.png`` / ``.pdf``.
-
-:func:`load_member` reads one member's params (and optimizer state) from a checkpoint, for
-analysis, without the experiment; :func:`load_params` those of every member of an experiment.
-
-Config fields read here: ``num_steps``, ``eval_every``, ``log_evals``, ``evals_per_chunk``,
-``checkpoint_every`` and optionally ``rng_impl``, ``batch_members``, ``metrics_batch`` (default
-1: evaluations whose metrics are vmapped together; memory grows with it), ``data_seed``
-(default 0: the minibatch key), ``concurrent_programs`` (default: the CPU count; how many
-programs run side by side; 1 runs them one after the other) and ``mesh_shape`` (default none:
-one device; a dict of axis name → size, ``{"members": 8}`` or ``{"directions": 4, "members":
-2}``: each group's members are split over the ``members`` axis when their number is a multiple
-of its size, and the estimators split their directions over the ``directions`` axis; see
-:func:`experiments.program.make_mesh`).
+"""The training loop every experiment shares: :func:`run` (see :mod:`experiments.runner`) and
+:func:`load_params`.
 """
 
 import concurrent.futures
@@ -56,49 +15,18 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import program as _program
-from experiments import storage
-from experiments.program import Arrays, Program, TrainState  # noqa: F401 (re-exported)
-from experiments.spec import (  # noqa: F401 (re-exported)
-    BATCHING,
-    METHODS,
-    POSITIVE_FIELDS,
-    SCHEDULE_FIELDS,
-    ConfigError,
-    ConfigMismatchError,
-    Experiment,
-    Member,
-    Method,
-    Minibatches,
-    OldWorkdirError,
-    Problem,
-    as_tuple,
-    check_choices,
-    check_positive,
-    chunk_size,
-    eval_steps,
-    sweep,
-    validate,
-)
-from experiments.storage import (  # noqa: F401 (re-exported)
-    load_member,
-    metric_at,
-    non_finite_members,
-    summarize,
-)
-
-_init = _program.init
-_make_groups = _program.make_groups
-_compile = _program.compile_groups
-_unstack = _program.unstack
-step_memory = _program.step_memory
-
+from experiments.runner import groups as _groups
+from experiments.runner import program as _program
+from experiments.runner import storage
+from experiments.runner.config import validate
+from experiments.runner.spec import Experiment
+from experiments.runner.storage import non_finite_members, summarize
 
 # ---------------------------------------------------------------------------------------------
 # Cross-checks, signals, progress.
 
 
-def _start_cross_check(groups: list[_program.Group], when: str, pool: concurrent.futures.Executor,
+def _start_cross_check(groups: list[_groups.Group], when: str, pool: concurrent.futures.Executor,
                        rtol: float = 1e-4) -> concurrent.futures.Future:
     """Compares metrics with their reference implementations on every member's current params.
 
@@ -108,13 +36,13 @@ def _start_cross_check(groups: list[_program.Group], when: str, pool: concurrent
     first evaluation every member of a problem starts from the same point, so one is checked.
     Diverged members are skipped.
     """
-    by_problem: dict[int, list[_program.Group]] = {}
+    by_problem: dict[int, list[_groups.Group]] = {}
     for group in groups:
         by_problem.setdefault(id(group.problem), []).append(group)
     jobs = []  # what to check, read now: the groups' states move on while the checks run
     for problem_groups in by_problem.values():
         members = [(params, bool(failed)) for g in problem_groups for params, failed in zip(
-            _unstack(g.state.params, len(g.members)), np.asarray(g.state.failed))]
+            _program.unstack(g.state.params, len(g.members)), np.asarray(g.state.failed))]
         jobs.append((problem_groups[0], [params for params, failed in
                                          members[:1 if when == "first" else None] if not failed]))
 
@@ -172,7 +100,7 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def _postfix(groups: list[_program.Group], names: Sequence[str]) -> str:
+def _postfix(groups: list[_groups.Group], names: Sequence[str]) -> str:
     parts = []
     for name in names:
         latest = [g.history[-1][name][:, -1] for g in groups if name in g.history[-1]]
@@ -254,7 +182,7 @@ def run(experiment: Experiment, config, workdir, *, overwrite: bool = False) -> 
                 _import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg",
                                       "matplotlib.backends.backend_pdf")
             with concurrent.futures.ThreadPoolExecutor(1) as checker:
-                results, last_check = _train(experiment, config, config_dict, workdir, stop,
+                results, last_check = train(experiment, config, config_dict, workdir, stop,
                                              checker)
                 storage.draw(experiment, results, workdir)  # while the last cross-check runs
                 last_check.result()
@@ -262,29 +190,29 @@ def run(experiment: Experiment, config, workdir, *, overwrite: bool = False) -> 
     return _report(experiment, results, workdir)
 
 
-def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.Path,
+def train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.Path,
            stop: _StopSignals, checker: concurrent.futures.Executor
            ) -> tuple[dict, concurrent.futures.Future]:
     """The chunk loop, resumed from the last checkpoint; returns the results and the cross-check
     of the last evaluation (still running in ``checker``)."""
-    groups = _make_groups(experiment, config.get("rng_impl"), config.get("batch_members", "vmap"),
-                          config)
+    groups = _groups.make_groups(experiment, config.get("rng_impl"),
+                                 config.get("batch_members", "vmap"), config)
     num_members = len(experiment.members)
     data_key = jax.random.key(config.get("data_seed", 0), impl=config.get("rng_impl"))
     for group in groups:
-        group.state = _init(group.program, group.problem.init_params, group.traced)
-        _program.place(group)
+        group.state = _program.init(group.program, group.problem.init_params, group.traced)
+        _groups.place(group)
         group.counts_queries = _program.counts_queries(group.state.opt_state)
 
     with concurrent.futures.ThreadPoolExecutor() as pool:  # compiles while the rest is set up
         started = time.perf_counter()
-        compiling = _compile(groups, data_key, pool)
+        compiling = _groups.compile_groups(groups, data_key, pool)
         first_check = _start_cross_check(groups, "first", checker)
         checkpoints = storage.checkpointer(workdir)
         if (latest := checkpoints.latest_step()) is not None:
             storage.restore_groups(checkpoints, latest, groups, num_members)
             for group in groups:
-                _program.place(group)
+                _groups.place(group)
             logging.info("Resuming %s from step %d.", workdir, latest)
         for group, compiled in zip(groups, compiling):
             group.run_chunk, seconds = compiled.result()
@@ -308,7 +236,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
             chunks = 0
             while not all(g.finished for g in groups):
                 active = [g for g in groups if not g.finished]
-                list(pool.map(lambda g: _program.run_chunk(g, data_key), active))
+                list(pool.map(lambda g: _groups.run_chunk(g, data_key), active))
                 chunks += 1
                 bar.update(position() - bar.n)
                 bar.set_postfix_str(_postfix(groups, experiment.progress_metrics), refresh=False)
@@ -322,7 +250,7 @@ def _train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.P
     records = storage.member_records(groups, num_members)
     steps, finals = [None] * num_members, [None] * num_members
     for g in groups:
-        for index, final in zip(g.indices, _program.final_metrics(g)):
+        for index, final in zip(g.indices, _groups.final_metrics(g)):
             steps[index], finals[index] = g.steps, final
     return (storage.results(experiment, config_dict, experiment.members, steps, records, finals),
             _start_cross_check(groups, "last", checker))

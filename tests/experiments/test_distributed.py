@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 COMMAND = [sys.executable, "-m", "experiments.distributed", "--config",
            "configs/distributed.py:smoke"]
 

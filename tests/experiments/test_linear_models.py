@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # experiments/ and configs/ are not installed
 
 from configs import linear_models as linear_models_config  # noqa: E402
-from experiments import linear_models, runner  # noqa: E402
+from experiments import linear_models, linear_tasks, runner  # noqa: E402
 from zojax import datasets  # noqa: E402
 from zojax.problems import linear  # noqa: E402
 
@@ -103,7 +103,7 @@ def test_closed_form_traces_match_zojax_hessian_trace():
     ws = jnp.stack([linear.init_params(jax.random.key(2), train.shape[1], scale)
                     for scale in (0.1, 1.0)])
     for loss in ("svm", "logistic", "clipped_logistic"):
-        metrics, reference = linear_models.METRICS[loss], linear_models._reference(loss, 64)
+        metrics, reference = linear_models.METRICS[loss], linear_tasks._reference(loss, 64)
         both = jax.jit(jax.vmap(lambda w, metrics=metrics, reference=reference: (
             metrics(w, *args)["hessian_trace"], reference(w, *args))))
         ours, exact = both(ws)
