@@ -422,3 +422,26 @@ def run_quietly(experiment, members, config, workdir) -> tuple[dict, float, floa
         results = experiments.runner.run(dataclasses.replace(experiment, members=members),
                                          config, workdir)
     return results, results["runs"][0]["wall_seconds"], time.perf_counter() - start
+
+
+def cpu_isa() -> str:
+    """The widest x86 vector extension of this CPU (from /proc/cpuinfo), or ''."""
+    try:
+        flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return ""
+    return next((isa for flag, isa in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                 if flag in flags), "")
+
+
+def host_line(quick: bool) -> str:
+    """One line saying what ran: the versions, the CPU (its vector extension), cores and load."""
+    import platform
+
+    import jax
+
+    import zojax
+
+    return (f"zojax {zojax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform} "
+            f"({platform.processor() or platform.machine()} {cpu_isa()}, {os.cpu_count()} cores, "
+            f"load {os.getloadavg()[0]:.1f}){', --quick' if quick else ''}\n")

@@ -30,8 +30,6 @@ chunk_size=1, scheme="central"), optax.sgd(1e-4))``, jitted with the params and 
 """
 
 import argparse
-import os
-import platform
 import time
 
 import jax
@@ -39,9 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import zojax
-from benchmarks.harness import check, interleaved, ms, ratio, say, spread, summary, table
-from benchmarks.minilm import Stepper, _isa, program_bytes, zo_optimizer, zo_step
+from benchmarks.harness import check, host_line, interleaved, ms, ratio, say, spread, summary, table
+from benchmarks.minilm import Stepper, program_bytes, zo_optimizer, zo_step
 from experiments.models import llama
 from zojax.directions import num_params
 
@@ -133,9 +130,7 @@ def main() -> int:
                              "CPU (measured in a scratch environment): prints the ratio")
     args = parser.parse_args()
     started = time.perf_counter()
-    say(f"zojax {zojax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform} "
-        f"({platform.processor() or platform.machine()} {_isa()}, {os.cpu_count()} cores, load "
-        f"{os.getloadavg()[0]:.1f}){', --quick' if args.quick else ''}\n")
+    say(host_line(args.quick))
     if args.quick:
         loaded, (batch_size, length) = llama.default(), (4, 16)
     else:

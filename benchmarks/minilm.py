@@ -46,9 +46,6 @@ never stored).
 """
 
 import argparse
-import os
-import pathlib
-import platform
 import time
 
 import jax
@@ -59,6 +56,7 @@ import optax
 import zojax
 from benchmarks.harness import (
     check,
+    host_line,
     interleaved,
     memory_bytes,
     ms,
@@ -287,25 +285,13 @@ def section_time(params, batch, loss, quick: bool) -> None:
           2 + ratio(times, "draw gaussian, stored"))
 
 
-def _isa() -> str:
-    """The widest x86 vector extension of this CPU (from /proc/cpuinfo), or ''."""
-    try:
-        flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return ""
-    return next((isa for flag, isa in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
-                 if flag in flags), "")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="the random 2-layer stand-in, a tiny batch, few rounds, no targets")
     args = parser.parse_args()
     started = time.perf_counter()
-    say(f"zojax {zojax.__version__}, jax {jax.__version__}, {jax.devices()[0].platform} "
-        f"({platform.processor() or platform.machine()} {_isa()}, {os.cpu_count()} cores, load "
-        f"{os.getloadavg()[0]:.1f}){', --quick' if args.quick else ''}\n")
+    say(host_line(args.quick))
     if args.quick:
         loaded, (batch_size, length) = minilm.default(), (4, 16)
     else:
