@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.adam = ml_collections.ConfigDict({"learning_rate": 1e-5})
     config.zo = ml_collections.ConfigDict({  # MeZO: central, one direction, regenerated.
         "learning_rate": 5e-4, "smoothing": 1e-3, "num_directions": 1, "scheme": "central",
-        "chunk_size": 1, "seed": 0})
+        "chunk_size": 1, "seed": 0,
+        # True: the direction regenerated at each use, never stored (zojax.low_memory).
+        "low_memory": ml_collections.config_dict.placeholder(bool)})
     config.zest = ml_collections.ConfigDict({  # one ± pair: zo's two queries a step.
         "learning_rate": 5e-4, "smoothing": 1e-3, "tilt": 1.0, "num_directions": 2,
         "chunk_size": 1, "seed": 0})

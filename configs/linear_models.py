@@ -63,9 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.svm.zo.num_directions = 1  # q Gaussian directions per step (2q evaluations).
     config.svm.zo.direction = "gaussian"  # u ~ N(0, I) (see zojax.directions for the others).
     config.svm.zo.scheme = "central"  # (f(w+λu) − f(w−λu))/(2λ); "forward": (f(w+λu) − f(w))/λ.
-    # Directions evaluated per batch (None: all q at once; 1: the low-memory mode, one
-    # perturbed copy of w at a time).
+    # Directions evaluated per batch (None: all q at once; 1: one perturbed copy of w at a time).
     config.svm.zo.chunk_size = ml_collections.config_dict.placeholder(int)
+    # True: every direction regenerated where it is used, never stored (zojax.low_memory).
+    config.svm.zo.low_memory = ml_collections.config_dict.placeholder(bool)
 
     # Logistic regression, mean softplus(−b xᵀw): the paper's η = 0.01, λ = 0.1.
     config.logistic = ml_collections.ConfigDict()
@@ -78,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.logistic.zo.direction = "gaussian"  # as config.svm.zo.direction.
     config.logistic.zo.scheme = "central"  # as config.svm.zo.scheme.
     config.logistic.zo.chunk_size = ml_collections.config_dict.placeholder(int)  # as svm's.
+    config.logistic.zo.low_memory = ml_collections.config_dict.placeholder(bool)  # as svm's.
 
     # Schedule.
     config.num_steps = 10_000  # iterations of every run.

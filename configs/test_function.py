@@ -37,9 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.zo.direction = "gaussian"  # u ~ N(0, I) (see zojax.directions for the others).
     config.zo.scheme = "central"  # (f(x+λu) − f(x−λu))/(2λ); "forward": (f(x+λu) − f(x))/λ.
     config.zo.seed = (0,)  # seed of the directions.
-    # Directions evaluated per batch (None: all q at once; 1: the low-memory mode, one
-    # perturbed copy of x at a time).
+    # Directions evaluated per batch (None: all q at once; 1: one perturbed copy of x at a time).
     config.zo.chunk_size = ml_collections.config_dict.placeholder(int)
+    # True: every direction regenerated where it is used, never stored (zojax.low_memory).
+    config.zo.low_memory = ml_collections.config_dict.placeholder(bool)
 
     config.forward_grad = ml_collections.ConfigDict()  # "ZO with λ → 0": (uᵀ∇h) u by jvp.
     config.forward_grad.learning_rate = (0.001,)  # η.

@@ -7,6 +7,7 @@ from zojax import (
     datasets,
     directions,
     estimators,
+    low_memory,
     methods,
     objective,
     pipeline,
@@ -28,6 +29,7 @@ from zojax.curvature import (
     hutchinson_trace,
     zo_trace,
 )
+from zojax.layerwise import layerwise
 from zojax.methods import (
     block_two_point,
     forward_grad,
@@ -74,7 +76,9 @@ __all__ = [
     "hizoo",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "layerwise",
     "lozo",
+    "low_memory",
     "methods",
     "natural",
     "objective",

@@ -25,13 +25,13 @@ lets XLA fuse a direction into its consumers).
 
 import contextlib
 import functools
-import math
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+
+from zojax import _threefry
 
 _FORCED: list[str] = []  # "default" while force_default() is active
 
@@ -58,66 +58,19 @@ def select(*operands, cpu, default):
     return lax.platform_dependent(*operands, cpu=cpu, default=default)
 
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k1, k2, x1, x2):
-    """Threefry-2x32 with 20 rounds (Salmon et al. 2011), as in jax.random, unrolled."""
-    ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
-    x1, x2 = x1 + ks[0], x2 + ks[1]
-    for block in range(5):
-        for rotation in _THREEFRY_ROTATIONS[block % 2]:
-            x1 = x1 + x2
-            x2 = x1 ^ ((x2 << np.uint32(rotation)) | (x2 >> np.uint32(32 - rotation)))
-        x1 = x1 + ks[(block + 1) % 3]
-        x2 = x2 + ks[(block + 2) % 3] + np.uint32(block + 1)
-    return x1, x2
-
-
-def _fused_bits(key, shape, rng_bits: int):
-    """``jax.random.bits``-equal unsigned bits of width ``rng_bits`` (8/16/32), flattened, or None.
-
-    None when the fused path would not reproduce jax.random exactly (then callers fall back).
-    """
-    size = math.prod(shape)
-    if (not jax.config.jax_threefry_partitionable or not 0 < size < 2**32
-            or not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-            or str(jax.random.key_impl(key)) != "threefry2x32"):
-        return None
-    k1, k2 = jax.random.key_data(key)
-    # Flat counters (the 64-bit counter's low word; the high word is 0), reshaped by callers
-    # only after the float conversion: a reshaped iota would be hoisted out of loops and
-    # stored as a parameter-sized array.
-    counts = lax.iota(np.uint32, size)
-    bits1, bits2 = _threefry2x32(k1, k2, jnp.zeros((size,), np.uint32), counts)
-    bits = bits1 ^ bits2
-    return bits if rng_bits == 32 else lax.convert_element_type(bits, jnp.dtype(f"uint{rng_bits}"))
-
-
 def _fused_normal(key, shape, dtype):
-    info = jnp.finfo(dtype)
-    rng_bits = 8 if info.nmant < 8 else info.bits
-    bits = _fused_bits(key, shape, rng_bits) if info.bits in (16, 32) else None
+    rng_bits = _threefry.normal_rng_bits(dtype)
+    bits = None if rng_bits is None else _threefry.bits(key, shape, rng_bits)
     if bits is None:
         return jax.random.normal(key, shape, dtype)
-    # jax.random.uniform(key, shape, dtype, nextafter(-1, 0), 1), then √2 erf⁻¹, as jax.random.
-    uint = jnp.dtype(f"uint{info.bits}")
-    bits = lax.convert_element_type(bits, uint)
-    one = np.array(1.0, dtype).view(uint)
-    floats = lax.bitcast_convert_type((bits >> np.array(rng_bits - info.nmant, uint)) | one,
-                                      dtype) - np.array(1.0, dtype)
-    lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
-    minval, maxval = np.array(lo, dtype), np.array(1.0, dtype)
-    uniform = lax.max(minval, floats * (maxval - minval) + minval).reshape(shape)
-    return np.array(np.sqrt(2), dtype) * lax.erf_inv(uniform)
+    return _threefry.normal_from_bits(bits, rng_bits, dtype).reshape(shape)
 
 
 def _fused_rademacher(key, shape, dtype):
-    bits = None if jax.config.jax_enable_x64 else _fused_bits(key, shape, 32)
+    bits = None if jax.config.jax_enable_x64 else _threefry.bits(key, shape, 32)
     if bits is None:  # (under x64, bernoulli(p=0.5) draws float64 uniforms: not reproduced)
         return jax.random.rademacher(key, shape, dtype)
-    # uniform float32 < 0.5 exactly when the top random bit is 0.
-    return (1 - 2 * (bits >> np.uint32(31)).astype(jnp.int32)).astype(dtype).reshape(shape)
+    return _threefry.rademacher_from_bits(bits, dtype).reshape(shape)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))  # compiled as a unit even when eager

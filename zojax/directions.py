@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zojax import _cpu
+from zojax import _cpu, _threefry
 
 Sampler = Callable[[jax.Array, object], object]
 
@@ -69,6 +69,10 @@ class Perturbation(NamedTuple):
     sample: Callable[[jax.Array, Any, Any, Any], Any]
     update: Callable[..., Any]
     cov_matvec: Callable[[Any, Any], Any]
+    # Optional: sample_leaf(key, params, state, context, index, rows=None) -> leaf ``index`` of
+    # ``sample(key, params, state, context)`` (flattened order), or only its rows ``rows``
+    # (an int array; first axis) when given: the low-memory mode draws what each use needs.
+    sample_leaf: Callable[..., Any] | None = None
 
 
 def _no_state(params):
@@ -91,10 +95,13 @@ def _identity(state, v):
     return v
 
 
-def stateless(sample: Sampler, cov_matvec: Callable | None = None) -> Perturbation:
+def stateless(sample: Sampler, cov_matvec: Callable | None = None,
+              sample_leaf: Callable | None = None) -> Perturbation:
     """The stateless :class:`Perturbation` of a sampler ``sample(key, params) -> direction``.
 
     ``cov_matvec(v) -> Σ v`` defaults to the identity: zojax's samplers are isotropic.
+    ``sample_leaf(key, params, index, rows=None)``: one leaf of ``sample(key, params)`` (or its
+    rows), for the low-memory mode (see :class:`Perturbation`).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -105,9 +112,18 @@ def stateless(sample: Sampler, cov_matvec: Callable | None = None) -> Perturbati
         True
     """
     matvec = _identity if cov_matvec is None else (lambda state, v: cov_matvec(v))
+    leaf = None if sample_leaf is None else (
+        lambda key, params, state, context, index, rows=None: sample_leaf(key, params, index,
+                                                                          rows))
     return Perturbation(_no_state, _no_context,
                         lambda key, params, state, context: sample(key, params),
-                        _keep_state, matvec)
+                        _keep_state, matvec, leaf)
+
+
+def is_stateless(perturbation: Perturbation) -> bool:
+    """Whether ``perturbation`` was built by :func:`stateless` (no state, no context): its
+    directions are a function of the key alone."""
+    return perturbation.init is _no_state and perturbation.prepare is _no_context
 
 
 def as_perturbation(direction) -> Perturbation:
@@ -173,6 +189,22 @@ def gaussian(key, params):
     )
 
 
+def _leaf_sampler(draw, draw_rows):
+    """``sample_leaf(key, params, index, rows=None)`` of a sampler that draws each leaf with
+    ``draw(key_leaf, shape, dtype)`` from its own split of the key."""
+    def sample_leaf(key, params, index, rows=None):
+        leaves = jax.tree.leaves(params)
+        leaf, leaf_key = leaves[index], jax.random.split(key, max(len(leaves), 1))[index]
+        if rows is not None and jnp.size(rows) < leaf.shape[0]:  # else the whole leaf is less
+            part = draw_rows(leaf_key, leaf.shape, leaf.dtype, rows)
+            if part is not None:
+                return part
+        whole = draw(leaf_key, leaf.shape, leaf.dtype)
+        return whole if rows is None else jnp.take(whole, rows, axis=0)
+
+    return sample_leaf
+
+
 def rademacher(key, params):
     """Independent ±1 entries, so ``E[u uᵀ] = I``."""
     leaves, treedef, keys = _leaf_keys(key, params)
@@ -216,3 +248,7 @@ SAMPLERS: dict[str, Sampler] = {
 
 # The one registry of direction names: every `direction` argument is checked against it.
 PERTURBATIONS: dict[str, Perturbation] = {name: stateless(fn) for name, fn in SAMPLERS.items()}
+PERTURBATIONS["gaussian"] = stateless(gaussian, sample_leaf=_leaf_sampler(
+    _cpu.normal, _threefry.normal_rows))
+PERTURBATIONS["rademacher"] = stateless(rademacher, sample_leaf=_leaf_sampler(
+    _cpu.rademacher, _threefry.rademacher_rows))

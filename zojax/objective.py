@@ -26,6 +26,10 @@ class Objective:
 
     value: Callable[..., jax.Array]
     along: Callable[..., jax.Array] | None = None
+    # The per-layer form, ``perturbed(params, direction, step) -> f(x + step · u)`` with ``u`` a
+    # :class:`zojax.low_memory.Direction` read leaf by leaf where the model uses it (the
+    # low-memory mode evaluates it instead of ``value``; see :func:`zojax.layerwise`).
+    perturbed: Callable[..., jax.Array] | None = None
 
     def __call__(self, params, *args, **kwargs):
         return self.value(params, *args, **kwargs)
@@ -45,9 +49,12 @@ def as_objective(fun: Callable, name: str = "fun") -> Objective:
         return fun
     value = fun.value if isinstance(fun, Objective) else fun
     along = fun.along if isinstance(fun, Objective) else getattr(fun, "along", None)
+    perturbed = fun.perturbed if isinstance(fun, Objective) else None
 
     def checked_value(*args, **kwargs):
-        out = value(*args, **kwargs)
+        return checked(value(*args, **kwargs))
+
+    def checked(out):
         if isinstance(out, tuple | list | dict):
             raise ValueError(
                 f"{name} must return a scalar loss, got a {type(out).__name__} (a (loss, aux) "
@@ -65,8 +72,12 @@ def as_objective(fun: Callable, name: str = "fun") -> Objective:
                              f"{jnp.shape(steps)}; got {jnp.shape(out)}.")
         return out
 
+    def checked_perturbed(params, direction, step):
+        return checked(perturbed(params, direction, step))
+
     checked_value.checks_outputs = True
-    return Objective(checked_value, None if along is None else checked_along)
+    return Objective(checked_value, None if along is None else checked_along,
+                     None if perturbed is None else checked_perturbed)
 
 
 def bind(fun: Callable, *args, **kwargs) -> Objective:
@@ -91,6 +102,7 @@ def bind(fun: Callable, *args, **kwargs) -> Objective:
     """
     value = fun.value if isinstance(fun, Objective) else fun
     along = fun.along if isinstance(fun, Objective) else getattr(fun, "along", None)
+    perturbed = fun.perturbed if isinstance(fun, Objective) else None
 
     def bound(params):
         return value(params, *args, **kwargs)
@@ -98,4 +110,8 @@ def bind(fun: Callable, *args, **kwargs) -> Objective:
     def bound_along(params, direction, steps):
         return along(params, direction, steps, *args, **kwargs)
 
-    return Objective(bound, None if along is None else bound_along)
+    def bound_perturbed(params, direction, step):
+        return perturbed(params, direction, step, *args, **kwargs)
+
+    return Objective(bound, None if along is None else bound_along,
+                     None if perturbed is None else bound_perturbed)

@@ -185,10 +185,16 @@ def in_sequence(perturbed, steps, weighting, acc, directions, applied):
     return acc, values
 
 
-def scheme_weighting(scheme: str, smoothing, base):
+def scheme_coefficients(scheme: str, smoothing, base):
+    """``values (n, k) -> c (n,)``: each direction's finite difference, the weight of its
+    direction in the mean (``base`` = f(x), forward)."""
     if scheme == "central":
-        return weightings.mean(lambda values: (values[:, 0] - values[:, 1]) / (2 * smoothing))
-    return weightings.mean(lambda values: (values[:, 0] - base) / smoothing)
+        return lambda values: (values[:, 0] - values[:, 1]) / (2 * smoothing)
+    return lambda values: (values[:, 0] - base) / smoothing
+
+
+def scheme_weighting(scheme: str, smoothing, base):
+    return weightings.mean(scheme_coefficients(scheme, smoothing, base))
 
 
 def scheme_steps(scheme: str, smoothing, params):

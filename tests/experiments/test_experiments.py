@@ -104,8 +104,10 @@ def test_command_line_errors(tmp_path, cli_env):
 
 
 def test_low_memory_mode_from_the_command_line(tmp_path, cli_env):
-    """``--config.zo.chunk_size=1``: one perturbed copy at a time, the same final traces."""
-    low = cli("--workdir", str(tmp_path / "low"), "--config.zo.chunk_size=1", env=cli_env)
+    """``--config.zo.chunk_size=1 --config.zo.low_memory=True``: one perturbed copy at a time,
+    directions regenerated, the same final traces."""
+    low = cli("--workdir", str(tmp_path / "low"), "--config.zo.chunk_size=1",
+              "--config.zo.low_memory=True", env=cli_env)
     assert low.returncode == 0, low.stderr
     runs = strict_json(tmp_path / "low" / "results.json")["runs"]
     config = test_function_config.get_config("smoke")
@@ -113,7 +115,9 @@ def test_low_memory_mode_from_the_command_line(tmp_path, cli_env):
     default = runner.run(experiment, config, tmp_path / "default")["runs"]
     for run, expected in zip(runs, default):
         assert run["hparams"].get("chunk_size") == (1 if run["method"] == "zo" else None)
+        assert run["hparams"].get("low_memory") == (True if run["method"] == "zo" else None)
         assert "chunk_size" not in expected["hparams"]  # None: the method's default, not recorded
+        assert "low_memory" not in expected["hparams"]
         np.testing.assert_allclose(run["metrics"]["hessian_trace"][-1],
                                    expected["metrics"]["hessian_trace"][-1], rtol=1e-3)
 

@@ -9,6 +9,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from zojax import _checks, pipeline, weightings
+from zojax import low_memory as _low_memory
 from zojax.directions import Perturbation, Sampler, as_perturbation
 from zojax.objective import as_objective, bind
 from zojax.transform import estimator_transform
@@ -20,12 +21,21 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
                        weighting: weightings.Weighting | None = None,
                        perturbation_state=None,
                        directions_sharding: NamedSharding | None = None,
-                       **extra_args) -> pipeline.Estimate:
+                       low_memory: bool = False, **extra_args) -> pipeline.Estimate:
     """One step of the two-point estimator: the :class:`Estimate` for ``fun(params)``.
 
     The perturbation's ``update`` receives the step's key, params, values and ``extra_args``.
+    ``low_memory``: see :mod:`zojax.low_memory` (no ``weighting``, ``perturbation_state``).
     """
     perturbation = as_perturbation(direction)
+    if low_memory:
+        if weighting is not None:
+            raise ValueError("two_point_estimate: low_memory=True weights the directions by "
+                             "the scheme's finite differences; it takes no weighting.")
+        _checks.check_float_params(params)
+        return _low_memory.estimate(as_objective(fun), key, params, smoothing=smoothing,
+                                    num_directions=num_directions, perturbation=perturbation,
+                                    scheme=scheme)
     state = pipeline.state_or_init(perturbation, params, perturbation_state, "two_point_estimate")
     partial = pipeline.partial_estimate(fun, key, params, smoothing=smoothing,
                                num_directions=num_directions, direction=perturbation,
@@ -38,17 +48,30 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
 
 
 def _validate(smoothing, num_directions, direction, scheme, chunk_size,
-              directions_sharding=None):
+              directions_sharding=None, low_memory=False, name="two_point"):
     pipeline.validate(smoothing, num_directions, chunk_size=chunk_size,
                       directions_sharding=directions_sharding)
-    as_perturbation(direction)
+    perturbation = as_perturbation(direction)
     _checks.check_choice("scheme", scheme, pipeline.SCHEMES)
+    if not isinstance(low_memory, bool):
+        raise ValueError(
+            f"low_memory must be True or False, got {low_memory!r} (a static option: under "
+            "optax.inject_hyperparams, name it in static_args).")
+    if low_memory:
+        _low_memory.check(perturbation, name)
+        if directions_sharding is not None:
+            raise ValueError(f"{name}(low_memory=True) evaluates the directions one after the "
+                             "other on one device; it takes no directions_sharding.")
+        if chunk_size not in (None, 1):
+            raise ValueError(f"chunk_size: {name}(low_memory=True) evaluates one direction at "
+                             f"a time; chunk_size must be None or 1, got {chunk_size!r}.")
 
 
 def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
                       direction: str | Sampler | Perturbation = "gaussian",
                       scheme: str = "central", chunk_size: int | None = None,
-                      directions_sharding: NamedSharding | None = None):
+                      directions_sharding: NamedSharding | None = None,
+                      low_memory: bool = False):
     r"""Two-point zeroth-order value and gradient estimator.
 
     Args:
@@ -67,6 +90,8 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
         directions_sharding: ``NamedSharding(mesh, P("directions"))`` splits the directions
             over that mesh axis, ``num_directions / n`` per device (each chunked by
             ``chunk_size``); None: one device. See the module doc.
+        low_memory: regenerate every direction where it is used instead of storing it
+            (:mod:`zojax.low_memory`); the same estimate. Needs a stateless direction.
 
     Returns:
         ``value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs) -> (value,
@@ -81,10 +106,16 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
         >>> g.shape
         (3,)
     """
-    _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding)
+    _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding,
+              low_memory, "zo_value_and_grad")
     perturbation = as_perturbation(direction)
 
     def value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs):
+        if low_memory:
+            out = two_point_estimate(bind(fun, *args, **kwargs), key, params,
+                                     smoothing=smoothing, num_directions=num_directions,
+                                     direction=perturbation, scheme=scheme, low_memory=True)
+            return out.value, out.grads
         state = pipeline.state_or_init(perturbation, params, perturbation_state,
                                        "zo_value_and_grad")
         partial = pipeline.partial_estimate(
@@ -100,7 +131,8 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
 
 def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
             direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
-            chunk_size: int | None = None, directions_sharding: NamedSharding | None = None):
+            chunk_size: int | None = None, directions_sharding: NamedSharding | None = None,
+            low_memory: bool = False):
     r"""Two-point zeroth-order gradient estimator, :math:`\hat g \approx \nabla f_\lambda(x)`.
 
     Same arguments as :func:`zo_value_and_grad`; returns ``grad_fn(key, params, *args,
@@ -114,7 +146,8 @@ def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
     """
     value_and_grad_fn = zo_value_and_grad(
         fun, smoothing=smoothing, num_directions=num_directions, direction=direction,
-        scheme=scheme, chunk_size=chunk_size, directions_sharding=directions_sharding)
+        scheme=scheme, chunk_size=chunk_size, directions_sharding=directions_sharding,
+        low_memory=low_memory)
 
     def grad_fn(key, params, *args, **kwargs):
         return value_and_grad_fn(key, params, *args, **kwargs)[1]
@@ -175,7 +208,7 @@ def forward_grad(fun: Callable, *, num_directions: int = 1,
 def two_point(smoothing, num_directions: int = 1, *,
               direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
               chunk_size: int | None = None, seed=0,
-              directions_sharding: NamedSharding | None = None
+              directions_sharding: NamedSharding | None = None, low_memory: bool = False
               ) -> optax.GradientTransformationExtraArgs:
     r"""Two-point zeroth-order gradient estimate as an optax transformation.
 
@@ -193,7 +226,12 @@ def two_point(smoothing, num_directions: int = 1, *,
         chunk_size: directions evaluated at a time (static); see :func:`zojax.zo_grad`.
         seed: int seed or typed PRNG key of the directions.
         directions_sharding: ``NamedSharding(mesh, P("directions"))`` splits the directions over
-            that mesh axis (see :mod:`zojax.estimators`); None: one device.
+            that mesh axis (see :mod:`zojax.pipeline`); None: one device.
+        low_memory: regenerate every direction where it is used (MeZO; see
+            :mod:`zojax.low_memory`): the same estimate, and in a jitted step with donated
+            params about one parameter size above the forward pass, or less with a per-layer
+            objective (:func:`zojax.layerwise`). Needs a stateless direction; no
+            ``directions_sharding``.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
@@ -207,7 +245,8 @@ def two_point(smoothing, num_directions: int = 1, *,
         >>> updates, state = opt.update(None, state, params, value_fn=lambda p: jnp.sum(p ** 2))
         >>> params = optax.apply_updates(params, updates)
     """
-    _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding)
+    _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding,
+              low_memory)
     perturbation = as_perturbation(direction)
 
     def estimate(key, value_fn, params, perturbation_state, **extra_args):
@@ -215,7 +254,7 @@ def two_point(smoothing, num_directions: int = 1, *,
             value_fn, key, params, smoothing=smoothing, num_directions=num_directions,
             direction=perturbation, scheme=scheme, chunk_size=chunk_size,
             perturbation_state=perturbation_state, directions_sharding=directions_sharding,
-            **extra_args)
+            low_memory=low_memory, **extra_args)
 
     return estimator_transform(estimate, seed, init_perturbation=perturbation.init,
                                name="two_point")
