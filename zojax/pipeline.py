@@ -238,7 +238,7 @@ def _perturb(x, step, v):
     point = x.astype(dtype) + step.astype(dtype) * v.astype(dtype)
     info = jnp.finfo(x.dtype)
     if info.nexp == jnp.finfo(dtype).nexp:  # bfloat16: the same rounding as the cast alone,
-        # and on CPU a chunk_size=1 step twice as fast (1M parameters: 33 ms against 75 ms).
+        # and on CPU a faster chunk_size=1 step (benchmarks/README.md).
         point = jax.lax.reduce_precision(point, exponent_bits=info.nexp,
                                          mantissa_bits=info.nmant)
     return point.astype(x.dtype)
@@ -246,8 +246,8 @@ def _perturb(x, step, v):
 
 def _widened(params, directions):
     """The directions of half-precision leaves in float32 (the others as they are): converted
-    once where they are drawn, not in each consumer (on CPU, a float16 chunk_size=1 step took
-    twice as long and one more buffer when each consumer converted them)."""
+    once where they are drawn, not in each consumer (on CPU, a float16 chunk_size=1 step was
+    slower and held one more buffer when each consumer converted them: benchmarks/README.md)."""
     return jax.tree.map(lambda x, u: u.astype(weightings.accumulator_dtype(u.dtype))
                         if _is_half(x.dtype) else u, params, directions)
 

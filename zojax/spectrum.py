@@ -8,9 +8,8 @@ Krylov space gives NaN when the residual is exactly zero (:math:`H = 2I` or
 rounding noise: on :math:`\mathbf{1}\mathbf{1}^\top` (d = 4) from :math:`e_1` it repeats a
 Lanczos vector and returns nodes −0.20, 2.27, 4.93 with weights 0.63, 0.26, 0.11 instead of
 0 and 4 with 3/4 and 1/4. (On diag(1, 1, 2, 2, 3, 3) from a random start, k = 5, it stays
-finite, its spurious nodes weighing 1e-28.) It is also slower: 30 steps × 10 probes at
-D = 10,001 (``benchmarks/curvature.py``) take 1.3× the time of ours with full
-reorthogonalization, 1.8× that of our default. Our Lanczos
+finite, its spurious nodes weighing 1e-28.) It is also slower (``benchmarks/curvature.py``,
+figures in ``benchmarks/README.md``). Our Lanczos
 (:func:`_lanczos`) restarts on breakdown, which keeps weights exact and shapes static, and is
 shared by :func:`hessian_top_eigenvalue` and :func:`hessian_spectrum`.
 """

@@ -44,8 +44,8 @@ class AffineFeatures(NamedTuple):
     is a pytree, so instances pass through ``jit``, ``grad`` and ``vmap`` (over ``w``).
 
     Products are computed with Φᵀ, ``inputs_t``: a batch of k weight vectors then gives its
-    (k, N) scores in their batched layout, which on a CPU is 2-3x faster than multiplying Φ
-    (N, d) for k = 2 and k = 160 on a7a. Under ``vmap`` every product of one call is one matrix
+    (k, N) scores in their batched layout, which on a CPU is faster than multiplying Φ (N, d)
+    (``benchmarks/README.md``). Under ``vmap`` every product of one call is one matrix
     product with a row per vector (see :func:`_products`). Build the map with :meth:`create` (or
     :func:`random_features`), which stores both Φ and Φᵀ; a map built from five fields has
     ``inputs_t = None`` and multiplies Φ itself, with the same values.
@@ -375,7 +375,7 @@ def accuracy(w: jax.Array, features, labels: jax.Array) -> jax.Array:
         0.75
     """
     # sign(2 sign(s) + 1) is sign(s) with sign(±0) = +1; a correct sign gives b·prediction = 1.
-    # Arithmetic rather than a comparison: XLA's CPU reductions run it ~5x faster.
+    # Arithmetic rather than a comparison: faster in XLA's CPU reductions (benchmarks/README.md).
     predictions = jnp.sign(2.0 * jnp.sign(_matvec(features, w)) + 1.0)
     return jnp.mean((1.0 + labels * predictions) / 2.0)
 
@@ -407,7 +407,7 @@ def logistic_hessian_trace(w: jax.Array, features, labels: jax.Array) -> jax.Arr
     del labels
     scores = _matvec(features, w)
     # p (1 − p) = 1 / ((1 + e^−s)(1 + e^s)): no cancellation, 0 where an exp overflows, and one
-    # division (XLA's CPU reductions run it ~5x faster than two sigmoids).
+    # division (XLA's CPU reductions run it faster than two sigmoids: benchmarks/README.md).
     return jnp.mean(squared_row_norms(features) / (2.0 + jnp.exp(scores) + jnp.exp(-scores)))
 
 
