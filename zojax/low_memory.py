@@ -29,6 +29,8 @@ Two ways to evaluate the objective at :math:`x + t u`:
   numbers as the whole table's).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,10 +93,13 @@ class Direction:
             return sample_leaf(self._key(), self.params, (), (), index, rows)
         return jnp.take(self.leaf(index), rows, axis=0)
 
+    def tree_leaves(self) -> list:
+        """The leaves of the whole direction."""
+        return [self.leaf(j) for j in range(self.num_leaves)]
+
     def tree(self):
         """The whole direction, a pytree like ``params``."""
-        return jax.tree.unflatten(jax.tree.structure(self.params),
-                                  [self.leaf(j) for j in range(self.num_leaves)])
+        return jax.tree.unflatten(jax.tree.structure(self.params), self.tree_leaves())
 
 
 def check(perturbation: Perturbation, name: str) -> None:
@@ -153,20 +158,13 @@ def estimate(objective: Objective, key, params, *, smoothing, num_directions: in
     coefficients = pipeline.scheme_coefficients(scheme, smoothing, base)(values)
     salt = salt ^ zero_of(jnp.sum(coefficients))
     leaves, treedef = jax.tree.flatten(params)
-
-    def weighted(i, c):  # c_i ũ_i, leaf by leaf, in float32 or wider (as weightings.mean)
-        u = direction(i, salt)
-        return [_weighted(c, pipeline._applied(x, u.leaf(j), steps))
-                for j, x in enumerate(leaves)]
-
-    # The sum starts from the first term, which waits for every value: a zero-filled start could
-    # be allocated before the forward passes and held through them.
-    total = weighted(np.uint32(0), coefficients[0])
-    if num_directions > 1:
-        def add(total, ic):
-            return [t + w for t, w in zip(total, weighted(*ic))], None
-
-        total, _ = jax.lax.scan(add, total, (indices[1:], coefficients[1:]))
+    if num_directions > 1 and perturbation.sample_leaf is not None:
+        total = _sum_leaf_by_leaf(leaves, coefficients, lambda i, j, salt: pipeline._applied(
+            leaves[j], direction(i, salt).leaf(j), steps), salt)
+    else:
+        total = _sum_at_once(leaves, coefficients, lambda i, salt: [
+            pipeline._applied(x, u, steps) for x, u in zip(
+                leaves, direction(i, salt).tree_leaves())], indices, salt)
     grads = [(t / num_directions).astype(x.dtype) for t, x in zip(total, leaves)]
     finite = jnp.all(jnp.isfinite(values)) & jnp.isfinite(smoothing) & (smoothing > 0)
     if base is None:
@@ -179,5 +177,55 @@ def estimate(objective: Objective, key, params, *, smoothing, num_directions: in
 
 
 def _weighted(c, u):
+    """``c u`` in float32 or wider (as :func:`zojax.weightings.mean` accumulates)."""
     dtype = weightings.accumulator_dtype(u.dtype)
     return c.astype(dtype) * u.astype(dtype)
+
+
+def _sum_at_once(leaves, coefficients, direction_leaves, indices, salt):
+    """Σ_i c_i ũ_i, every leaf: the first term alone for q = 1 (one elementwise expression,
+    which XLA fuses into the optimizer's update), else a loop over the directions into one
+    parameter-sized sum (for samplers that draw a whole direction at once)."""
+    def terms(i, c):
+        return [_weighted(c, u) for u in direction_leaves(i, salt)]
+
+    # The sum starts from the first term, which waits for every value: a zero-filled start could
+    # be allocated before the forward passes and held through them.
+    total = terms(np.uint32(0), coefficients[0])
+    if len(coefficients) > 1:
+        def add(total, ic):
+            return [t + w for t, w in zip(total, terms(*ic))], None
+
+        total, _ = jax.lax.scan(add, total, (indices[1:], coefficients[1:]))
+    return total
+
+
+# At q > 1, a leaf of at least this share of all parameter bytes (an embedding table) gets its
+# sum Σ_i c_i ũ_i as one unrolled expression, which XLA fuses into the optimizer's update: no
+# buffer, but q draws compiled into one kernel (compile time grows with q × such leaves). The
+# others are summed by a loop each, one leaf after the other, each loop starting from its first
+# term keyed on the previous leaf's sum: XLA then reuses their buffers (about three leaves alive
+# at a time), where one loop over every leaf would hold a parameter-sized sum.
+UNROLLED_SHARE = 1 / 16
+
+
+def _sum_leaf_by_leaf(leaves, coefficients, direction_leaf, salt):
+    """Σ_i c_i ũ_i leaf by leaf (q > 1), see :data:`UNROLLED_SHARE`."""
+    sizes = [x.size * jnp.dtype(x.dtype).itemsize for x in leaves]
+    total_size, num = sum(sizes), len(coefficients)
+    out, previous = [], None
+    for j, size in enumerate(sizes):
+        if size >= UNROLLED_SHARE * total_size:
+            terms = (_weighted(coefficients[i], direction_leaf(np.uint32(i), j, salt))
+                     for i in range(num))
+            out.append(functools.reduce(jnp.add, terms))
+            continue
+        here = salt if previous is None else salt ^ zero_of(previous)
+
+        def add(i, acc, j=j, here=here):
+            return acc + _weighted(coefficients[i], direction_leaf(i.astype(jnp.uint32), j, here))
+
+        previous = jax.lax.fori_loop(
+            1, num, add, _weighted(coefficients[0], direction_leaf(np.uint32(0), j, here)))
+        out.append(previous)
+    return out
