@@ -7,9 +7,10 @@ never holds a direction: direction :math:`u_i` is drawn again at each of its use
 u_i` (the step keeps the q scalars :math:`c_i`). For q = 1 the estimate is one elementwise
 expression of the parameters' shapes, so in a jitted step with donated params XLA fuses it
 into the optimizer's update and writes the new params in place: no parameter-sized buffer
-beyond one perturbed copy of the parameters for the forward passes. For q > 1 the estimate is
-a loop over the q directions into one parameter-sized sum (an unrolled sum would fuse as well,
-but compiles in time proportional to q × the number of leaves: minutes for a transformer).
+beyond one perturbed copy of the parameters for the forward passes. For q > 1 each leaf's sum
+is a loop over the q directions, the leaves one after the other (a few leaves' sums alive at a
+time), and a leaf of at least :data:`UNROLLED_SHARE` of the parameters (an embedding table)
+gets one unrolled expression fused into the update (see :func:`_sum_leaf_by_leaf`).
 
 XLA merges identical computations and hoists what depends on nothing: the three draws of a
 direction would become one stored draw, and the perturbed copies of every layer would be
