@@ -104,9 +104,10 @@ def workload(loaded: minilm.Loaded, batch_size: int, length: int, seed: int = 0)
     return params, (jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels)), loss
 
 
-def zo_optimizer(q: int, direction: str = "gaussian"):
+def zo_optimizer(q: int, direction: str = "gaussian", low_memory: bool = False):
     return optax.chain(zojax.two_point(SMOOTHING, q, direction=direction, scheme="central",
-                                       chunk_size=1), optax.sgd(LEARNING_RATE))
+                                       chunk_size=1, low_memory=low_memory),
+                       optax.sgd(LEARNING_RATE))
 
 
 def zo_step(opt, loss):
