@@ -228,8 +228,7 @@ def init(key, params, paths: str | Sequence[str], rank: int = 8) -> dict:
 
     Args:
         key: a PRNG key (``a``'s draws).
-        params: the params (arrays or ``jax.ShapeDtypeStruct``s; this is
-            ``jax.eval_shape``-able).
+        params: the params (arrays; ``jax.ShapeDtypeStruct``s under ``jax.eval_shape``).
         paths: regular expressions, matched against whole paths as in :func:`select`.
         rank: the adapters' rank ``r``, a positive int (static).
 

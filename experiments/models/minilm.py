@@ -30,6 +30,8 @@ Trained parameters: everything but ``embeddings.position_ids`` (an int64 buffer)
 
 :func:`default` is the embedded stand-in, which needs no package: the same architecture with two
 layers of width 64, randomly initialized, and a hashing word tokenizer (for smoke tests).
+:func:`with_prefix` adds a trainable key/value prefix to each layer
+(:mod:`experiments.models.prefix`; ``BertConfig.prefix_length``).
 """
 
 import dataclasses

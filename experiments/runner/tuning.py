@@ -17,7 +17,9 @@ subset), what the optimizer perturbs and updates, what checkpoints and :func:`lo
 the base params are frozen, passed to the compiled program as the last data argument (not
 compiled into it), and the loss, the metrics and the final metrics are evaluated on the merged
 (or combined) params. LoRA's ``A`` is drawn from the fixed key 0, so every member of a problem
-starts from the same adapters.
+starts from the same adapters. A problem's ``extra_args`` are given the loss's arguments without
+the base params; a function of the params among them (natural perturbations' ``output_fn``)
+would receive the adapters or subset, so such methods do not combine with tuning yet.
 """
 
 import dataclasses
