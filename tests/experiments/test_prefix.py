@@ -1,14 +1,14 @@
 """Prefix tuning of the two transformer ports (experiments.models.prefix), on their small random
 stand-ins: the model without prefix unchanged, a masked-out prefix changing nothing, a prefix
-changing the outputs otherwise, Llama's rotated prefix keys, and a ZO step moving the prefix
-alone."""
+changing the outputs otherwise, Llama's rotated prefix keys. (Training a subset through
+zojax.lora.freeze: tests/zojax/test_lora.py and, with the runner, tests/experiments/
+test_tuning.py.)"""
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import zojax
@@ -94,40 +94,6 @@ def test_llama_prefix_is_the_tokens_it_was_made_of_placed_before_the_text():
     assert_close(jax.jit(with_prefix.label_logits)(
         with_prefix.params, IDS, jnp.pad(MASK, ((0, 0), (3, 0)), constant_values=1), words),
         expected)
-
-
-def test_a_zo_step_moves_the_prefix_alone():
-    """The prefix subset trained through zojax.lora.freeze, in the low-memory mode (one port:
-    the subset is the same mechanism for both)."""
-    loaded = llama.with_prefix(llama.default(), PREFIX)
-    params = loaded.params
-
-    def loss(params, ids, mask):
-        return jnp.mean(loaded.hidden(params, ids, mask) ** 2)
-
-    opt = zojax.zo_sgd(1e-2, 1e-2, low_memory=True)
-
-    @jax.jit
-    def step(trained, state, params):
-        value_fn = zojax.objective.bind(zojax.lora.freeze(loss, params), IDS, MASK)
-        updates, state = opt.update(None, state, trained, value_fn=value_fn)
-        return optax.apply_updates(trained, updates), state
-
-    trained = prefix.select(params)
-    new, _ = step(trained, opt.init(trained), params)
-    assert jax.tree.structure(new) == jax.tree.structure(trained)
-    assert all(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(new),
-                                                     jax.tree.leaves(trained)))
-    combined = zojax.lora.combine(params, new)
-    for path, x in jax.tree_util.tree_flatten_with_path(combined)[0]:
-        if "prefix" not in zojax.lora.path_name(path):
-            assert x is _at(params, path)  # the very same frozen array
-
-
-def _at(tree, path):
-    for k in path:
-        tree = tree[getattr(k, "key", getattr(k, "idx", None))]
-    return tree
 
 
 def test_the_model_init_draws_a_prefix():
