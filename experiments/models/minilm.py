@@ -331,8 +331,8 @@ def with_prefix(loaded: Loaded, length: int, seed: int = 0, ids=None) -> Loaded:
                                for name in ("key", "value")} for i in range(config.num_layers)}
 
     found = prefixes(loaded.params, jnp.asarray(ids, jnp.int32).reshape(1, length))
-    params = {**loaded.params, **{name: {**loaded.params[name], "prefix": prefix}
-                                  for name, prefix in found.items()}}
+    params = {**loaded.params, **{name: {**loaded.params[name], "prefix": entries}
+                                  for name, entries in found.items()}}
     return dataclasses.replace(
         loaded, model=BertEncoder(dataclasses.replace(config, prefix_length=length)),
         params=params, name=f"{loaded.name}, prefix {length}")

@@ -310,7 +310,7 @@ def with_prefix(loaded: Loaded, length: int, seed: int = 0, ids=None) -> Loaded:
 
     found = prefixes(loaded.params, jnp.asarray(ids, jnp.int32).reshape(1, length))
     params = {**loaded.params, **{name: {**loaded.params[name], "self_attn": {
-        **loaded.params[name]["self_attn"], "prefix": prefix}} for name, prefix in found.items()}}
+        **loaded.params[name]["self_attn"], "prefix": entries}} for name, entries in found.items()}}
     return dataclasses.replace(
         loaded, model=Llama(dataclasses.replace(c, prefix_length=length)), params=params,
         name=f"{loaded.name}, prefix {length}")
