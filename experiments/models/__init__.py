@@ -6,7 +6,9 @@ curvature for any model; these are the fixtures its experiments train.
 
 One module each: :mod:`~experiments.models.mlp`, :mod:`~experiments.models.cnn`,
 :mod:`~experiments.models.mixer`, :mod:`~experiments.models.classifier` (re-exported here) and
-:mod:`~experiments.models.minilm` (the all-MiniLM-L6-v2 port; import it as a module).
+:mod:`~experiments.models.minilm` (the all-MiniLM-L6-v2 port; import it as a module); the Llama
+port is the package :mod:`~experiments.models.llama`, and :mod:`~experiments.models.prefix` the
+prefix tuning of both ports.
 
 - :class:`MLP`: flattened inputs → tanh hidden layers → logits.
 - :class:`CNN`: 3×3 convolutions (tanh) with 2×2 average pooling → logits; images (n, H, W) or

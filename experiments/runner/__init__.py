@@ -27,14 +27,17 @@ The runner
 - marks a member whose loss turns non-finite, or whose estimator skipped a non-finite step
   (``num_nonfinite`` grew): its state is frozen at its last good evaluation, its metrics are
   null from then on, the other members go on, and :class:`NonFiniteError` names it at the end;
-- writes ``workdir/results.json`` (schema in :func:`run`) and ``workdir/<name>.png`` / ``.pdf``.
+- writes ``workdir/results.json`` (schema in :func:`run`) and ``workdir/<name>.png`` / ``.pdf``;
+- trains a member that sets ``tuning="lora"`` or ``"prefix"`` (fields of every method) on its LoRA
+  adapters or its parameter subset alone, the rest frozen (:mod:`experiments.runner.tuning`).
 
 :func:`load_member` reads one member's params (and optimizer state) from a checkpoint, for
 analysis, without the experiment; :func:`load_params` those of every member of an experiment.
 
 The package's modules: :mod:`~experiments.runner.spec` (what an experiment gives the runner),
 :mod:`~experiments.runner.methods` (the methods members name), :mod:`~experiments.runner.config`
-(the config checks and the schedule), :mod:`~experiments.runner.program` (the compiled chunk),
+(the config checks and the schedule), :mod:`~experiments.runner.tuning` (which parameters a member
+tunes), :mod:`~experiments.runner.program` (the compiled chunk),
 :mod:`~experiments.runner.groups` (the members each program runs), :mod:`~experiments.runner.loop`
 (the loop), :mod:`~experiments.runner.storage` and :mod:`~experiments.runner.checkpointing` (the
 workdir), :mod:`~experiments.runner.cli` (the command line, not imported here: absl flags).
@@ -69,6 +72,7 @@ from experiments.runner.methods import METHODS, Method, method
 from experiments.runner.program import Arrays, Program, TrainState, step_memory
 from experiments.runner.spec import Experiment, Member, Minibatches, Problem, sweep
 from experiments.runner.storage import load_member, metric_at, non_finite_members, summarize
+from experiments.runner.tuning import tuned_problem
 
 __all__ = [
     "BATCHING", "METHODS", "POSITIVE_FIELDS", "SCHEDULE_FIELDS", "Arrays", "ConfigError",
@@ -76,5 +80,5 @@ __all__ = [
     "NonFiniteError", "OldWorkdirError", "Problem", "Program", "TrainState", "as_tuple",
     "check_choices", "check_positive", "chunk_size", "eval_steps", "load_member", "load_params",
     "method", "metric_at", "non_finite_members", "run", "step_memory", "summarize", "sweep",
-    "validate",
+    "tuned_problem", "validate",
 ]

