@@ -94,12 +94,20 @@ def _assert_finite_like(tree, like):
         assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
 
 
+@functools.cache
+def _jitted(name):
+    """``(opt, jit(step))`` of a registry entry, made once: the tests that take one plain step
+    share its compiled program."""
+    opt = _make(name)
+    return opt, jax.jit(functools.partial(_step, opt))
+
+
 @pytest.mark.parametrize("name", REGISTRY)
 def test_jit_init_update(name):
-    opt = _make(name)
+    opt, step = _jitted(name)
     params = _params()
     state = jax.jit(opt.init)(params)
-    new_params, state = jax.jit(functools.partial(_step, opt))(params, state)
+    new_params, state = step(params, state)
     _assert_finite_like(new_params, params)
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_params),
                                                      jax.tree.leaves(params)))
@@ -148,9 +156,9 @@ def test_abstract_init(name):
 @pytest.mark.parametrize("name", REGISTRY)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dtype_kept(name, dtype):
-    opt = _make(name)
+    opt, step = _jitted(name)
     params = _params(dtype)
-    new_params, _ = jax.jit(functools.partial(_step, opt))(params, opt.init(params))
+    new_params, _ = step(params, opt.init(params))
     _assert_finite_like(new_params, params)
 
 
@@ -162,9 +170,9 @@ def test_inject_hyperparams_gives_the_same_updates(name):
                           "rank")
               if k in kwargs or k == "num_directions"]
     injected = optax.inject_hyperparams(factory, static_args=static)(**kwargs)
-    plain = factory(**kwargs)
+    plain, step = _jitted(name)
     params = _params()
-    expected, _ = jax.jit(functools.partial(_step, plain))(params, plain.init(params))
+    expected, _ = step(params, plain.init(params))
     got, state = jax.jit(functools.partial(_step, injected))(params, injected.init(params))
     # inject_hyperparams stores b2 = 0.999 in float32: 1 - b2 then carries a 5e-5 relative error.
     rtol = 1e-4 if name == "zo_adam" else 1e-6
