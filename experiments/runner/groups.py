@@ -124,8 +124,11 @@ def make_groups(experiment: Experiment, rng_impl: str | None = None, batching: s
         for name in POSITIVE_FIELDS:
             if member.hparams.get(name) is not None:
                 check_positive(f"member {member.name!r}: {name}", member.hparams[name])
-        if member.num_steps is not None:
-            check_positive(f"member {member.name!r}: num_steps", member.num_steps)
+        if member.num_steps is not None and not (
+                isinstance(member.num_steps, int) and not isinstance(member.num_steps, bool)
+                and member.num_steps >= 0):  # 0: an evaluation-only member (zero-shot)
+            raise ConfigError(f"member {member.name!r}: num_steps must be a non-negative int, "
+                              f"got {member.num_steps!r}.")
         traced = tuple(k for k in method.traced if k in member.hparams)
         static = tuple(sorted((k, v) for k, v in member.hparams.items() if k not in traced))
         problem = tuned_problem(member)  # its own, or its adapters' or subset's

@@ -126,7 +126,8 @@ class Member:
         hparams: the method's fields by the config's names (``learning_rate``, ``smoothing``,
             ``seed``, ...).
         problem: what it trains on.
-        num_steps: its own step budget (None: ``config.num_steps``), e.g. an equal query budget
+        num_steps: its own step budget (None: ``config.num_steps``; 0: evaluated once, at the
+            start, never stepped: a zero-shot baseline), e.g. an equal query budget
             at different q. Members with different budgets run in different programs (one
             compilation per chunk length, shared by equal ones), side by side.
         labels: descriptive entries (``{"dataset": "a7a"}``) recorded with the hyperparameters

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 
@@ -74,20 +75,38 @@ def settings(member: Member) -> tuple | None:
         float(alpha) if kind == "lora" else None)
 
 
+class TunedPart(NamedTuple):
+    """What a function with ``takes_tuned = True`` (a problem's metrics, say) receives as its
+    ``tuned`` keyword on a member that tunes a part: e.g. the Hessian trace of the adapters,
+    ``zojax.hutchinson_trace(lambda t: loss(part.params(t), ...), key, part.tuned, ...)``."""
+
+    tuned: dict  # the LoRA adapters or the parameter subset the member trains
+    base: dict  # the frozen params
+    alpha: float | None  # LoRA's scale; None for a subset
+
+    def params(self, tuned) -> dict:
+        """The whole params of ``tuned`` (merged with, or put into, the base)."""
+        if self.alpha is None:
+            return zojax.lora.combine(self.base, tuned)
+        return zojax.lora.merge(self.base, tuned, self.alpha)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tuned:
     """``fn(params, *args)`` of a problem evaluated on the tuned part:
     ``fn(build(base, tuned), *args)``, the base params the last argument (compared by value:
-    equal ones share compiled programs)."""
+    equal ones share compiled programs). A ``fn`` with the attribute ``takes_tuned = True`` also
+    receives ``tuned=`` a :class:`TunedPart`."""
 
     fn: Callable
     alpha: float | None  # None: a subset (zojax.lora.combine); else LoRA's scale
 
     def __call__(self, tuned, *args):
         *args, base = args
-        if self.alpha is None:
-            return self.fn(zojax.lora.combine(base, tuned), *args)
-        return self.fn(zojax.lora.merge(base, tuned, self.alpha), *args)
+        part = TunedPart(tuned, base, self.alpha)
+        if getattr(self.fn, "takes_tuned", False):
+            return self.fn(part.params(tuned), *args, tuned=part)
+        return self.fn(part.params(tuned), *args)
 
 
 @dataclasses.dataclass(frozen=True)
