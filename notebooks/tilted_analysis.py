@@ -20,7 +20,7 @@
 # made by
 #
 # ```
-# python -m experiments.tilted --config configs/tilted.py --config.data_dir=../shared/data \
+# python -m experiments.tilted --config configs/tilted.py --config.data_dir=DATA_DIR \
 #     --workdir /tmp/zojax/tilted
 # ```
 #
@@ -56,7 +56,7 @@ from experiments import tilted  # noqa: E402
 from zojax.problems import two_scales  # noqa: E402
 
 COMMAND = ("python -m experiments.tilted --config configs/tilted.py "
-           "--config.data_dir=../shared/data --workdir /tmp/zojax/tilted")
+           "--config.data_dir=DATA_DIR --workdir /tmp/zojax/tilted")
 workdir = pathlib.Path(os.environ.get("ZOJAX_TILTED_DIR", "/tmp/zojax/tilted")).expanduser()
 results = None
 if (workdir / "results.json").is_file():
