@@ -106,7 +106,7 @@ def _copy_notebooks(app):
 
 
 def _importable(dotted):
-    """The object a dotted path names in zojax or experiments, or None."""
+    """Whether a dotted path names an object (a module, an attribute or a field)."""
     import importlib
 
     parts = dotted.split(".")
@@ -115,13 +115,17 @@ def _importable(dotted):
             obj = importlib.import_module(".".join(parts[:i]))
         except ImportError:
             continue
-        try:
-            for part in parts[i:]:
+        for part in parts[i:]:
+            # A field of a dataclass or NamedTuple without a default is no class attribute.
+            fields = getattr(obj, "__annotations__", {}) if isinstance(obj, type) else {}
+            if hasattr(obj, part):
                 obj = getattr(obj, part)
-        except AttributeError:
-            return None
-        return obj
-    return None
+            elif part in fields:
+                obj = fields[part]
+            else:
+                return False
+        return True
+    return False
 
 
 def _resolve_short_name(app, env, node, contnode):
@@ -157,7 +161,7 @@ def _resolve_short_name(app, env, node, contnode):
     prefixes = [module + "." + cls, module] if cls else [module]
     owners = [m for m in sys.modules if m.split(".")[0] in ("zojax", "experiments")]
     for prefix in [*prefixes, *owners, ""]:
-        if _importable(f"{prefix}.{target}" if prefix else target) is not None:
+        if _importable(f"{prefix}.{target}" if prefix else target):
             return contnode
     return None
 
