@@ -39,8 +39,10 @@ exclude_patterns = ["_build", "conf.py", "**/.ipynb_checkpoints", "README.md"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".py": "myst-nb"}
 
 # Pages opt in to execution (``getting_started.md``: ``execution_mode: force`` in its front
-# matter); the notebooks need a finished run's workdir and are only rendered.
-nb_execution_mode = "off"
+# matter). The notebooks need a finished run's workdir: rendered without outputs, unless
+# ZOJAX_DOCS_NOTEBOOKS=execute, which executes them on the workdirs their environment
+# variables name (ZOJAX_FIG1_DIR, ZOJAX_FIG2_DIR, ZOJAX_TILTED_DIR; see notebooks_index.md).
+nb_execution_mode = "force" if os.environ.get("ZOJAX_DOCS_NOTEBOOKS") == "execute" else "off"
 nb_execution_timeout = 120
 nb_execution_raise_on_error = True
 nb_merge_streams = True
