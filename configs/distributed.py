@@ -1,7 +1,7 @@
 """Figure 2's logistic-regression ZO run with its directions split across processes.
 
     python -m experiments.distributed --config configs/distributed.py \
-        --config.data_dir=../shared/data --workdir /tmp/dist [process flags]
+        --config.data_dir=DATA_DIR --workdir /tmp/dist [process flags]
     python -m experiments.distributed --config configs/distributed.py:smoke --workdir /tmp/s
 
 The process flags (``--coordinator_address``, ``--num_processes``, ``--process_id``) are not

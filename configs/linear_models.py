@@ -1,7 +1,7 @@
 """Figure 2 of "Zeroth-order optimization finds flat minima": SVM and logistic regression, GD vs ZO.
 
     python -m experiments.linear_models --config configs/linear_models.py \
-        --config.data_dir=../shared/data --workdir /tmp/fig2
+        --config.data_dir=DATA_DIR --workdir /tmp/fig2
     python -m experiments.linear_models --config configs/linear_models.py:synthetic --workdir /tmp/s
     python -m experiments.linear_models --config configs/linear_models.py:smoke --workdir /tmp/smoke
 
@@ -25,11 +25,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # stand-in generated from `synthetic_seed` (no files needed) and "synthetic-<name>" one
     # shaped like <name> (e.g. "synthetic-w5a"). The paper uses ("a5a", "w5a"); a5a could not be
     # obtained offline, so the default reproduces its panel on a7a (16,100 train rows, the
-    # closest genuine a-series size available in ../shared/data): use ("a5a", "w5a") where a5a
+    # closest genuine a-series size available offline): use ("a5a", "w5a") where a5a
     # can be downloaded.
     config.datasets = ("a7a", "w5a")
     # Root folder holding libsvm/<name> and libsvm/<name>.t (plain or .bz2). None: the loader's
-    # rule ($ZOJAX_DATA_DIR, else ~/.cache/zojax). From the repository: "../shared/data".
+    # rule ($ZOJAX_DATA_DIR, else ~/.cache/zojax). Set it with --config.data_dir=DATA_DIR, your
+    # data directory.
     config.data_dir = ml_collections.config_dict.placeholder(str)
     # Fetch missing files from the LIBSVM site (never implicit: offline it may hang).
     config.download = False
@@ -91,8 +92,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # over the train and test matrices for all of them. Memory: this many copies of w.
     config.metrics_batch = 100
     # PRNG of the directions (a jax.random key implementation, e.g. "threefry2x32"). The
-    # README's Figure-2 numbers come from philox4x32; threefry2x32 runs as fast here and gives a
-    # different but equally valid random stream.
+    # documented Figure-2 numbers (docs/experiments/figure2.md) come from philox4x32;
+    # threefry2x32 runs as fast here and gives a different but equally valid random stream.
     config.rng_impl = "philox4x32"
     # Basis vectors per batch in the exact zojax.hessian_trace that cross-checks the closed-form
     # train trace at the first and last evaluation (memory ~ chunk × (N + D) floats).

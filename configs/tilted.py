@@ -1,6 +1,6 @@
 """The sharpness ZEST penalizes: GD, ZO and ZEST (tilted ZO) across tilts t, on four problems.
 
-    python -m experiments.tilted --config configs/tilted.py --config.data_dir=../shared/data \
+    python -m experiments.tilted --config configs/tilted.py --config.data_dir=DATA_DIR \
         --workdir /tmp/zojax/tilted
     python -m experiments.tilted --config configs/tilted.py:smoke --workdir /tmp/smoke
 

@@ -1,6 +1,6 @@
 """ZO-Bench-style comparison of 12 methods at equal query budgets (experiments/zo_bench.py).
 
-    python -m experiments.zo_bench --config configs/zo_bench.py --config.data_dir=../shared/data \
+    python -m experiments.zo_bench --config configs/zo_bench.py --config.data_dir=DATA_DIR \
         --workdir /tmp/zojax/zo_bench
     python -m experiments.zo_bench --config configs/zo_bench.py:logistic ...  # a7a alone (minutes)
     python -m experiments.zo_bench --config configs/zo_bench.py:smoke --workdir /tmp/smoke

@@ -15,7 +15,7 @@ Hessian (trace = λ_max: every t penalizes the same quantity); (b) ``two_scales`
 smallest λ_max (w = 0) sit apart; (c) ``logistic``, logistic regression on a7a's raw features;
 (d) ``digits_mlp``, a Flax MLP on scikit-learn's digits, minibatches.
 
-    python -m experiments.tilted --config configs/tilted.py --config.data_dir=../shared/data \
+    python -m experiments.tilted --config configs/tilted.py --config.data_dir=DATA_DIR \
         --workdir /tmp/zojax/tilted
 
 The problems and their curvature metrics are in :mod:`experiments.tilted_problems`.

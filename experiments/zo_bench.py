@@ -12,7 +12,7 @@ the metrics against steps and queries (results.json's ``num_queries``), the exec
 per step and, as a label, the compiled memory of one step (argument + output + temp − alias,
 params and state donated).
 
-    python -m experiments.zo_bench --config configs/zo_bench.py --config.data_dir=../shared/data \
+    python -m experiments.zo_bench --config configs/zo_bench.py --config.data_dir=DATA_DIR \
         --workdir /tmp/zojax/zo_bench
 """
 

@@ -18,13 +18,14 @@
 #
 # Reads the workdirs of the two figure commands (their `results.json` and last checkpoint),
 # `$ZOJAX_FIG1_DIR` (default `/tmp/zojax/test_function`) and `$ZOJAX_FIG2_DIR` (default
-# `/tmp/zojax/linear_models`), as made by the README's commands:
+# `/tmp/zojax/linear_models`), as made by the commands of the documentation's experiment
+# pages (`DATA_DIR`: your data directory, holding `libsvm/a7a` and `libsvm/w5a`):
 #
 # ```
 # python -m experiments.test_function --config configs/test_function.py \
 #     --workdir /tmp/zojax/test_function
 # python -m experiments.linear_models --config configs/linear_models.py \
-#     --config.data_dir=../shared/data --workdir /tmp/zojax/linear_models
+#     --config.data_dir=DATA_DIR --workdir /tmp/zojax/linear_models
 # ```
 #
 # A missing workdir is reported and its part skipped. The notebook reads `results.json` and the
@@ -82,7 +83,7 @@ fig1 = load("ZOJAX_FIG1_DIR", "/tmp/zojax/test_function",
             "--workdir /tmp/zojax/test_function")
 fig2 = load("ZOJAX_FIG2_DIR", "/tmp/zojax/linear_models",
             "python -m experiments.linear_models --config configs/linear_models.py "
-            "--config.data_dir=../shared/data --workdir /tmp/zojax/linear_models")
+            "--config.data_dir=DATA_DIR --workdir /tmp/zojax/linear_models")
 
 # %% [markdown]
 # ## Trajectories in the (loss, trace) plane

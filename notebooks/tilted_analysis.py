@@ -20,7 +20,7 @@
 # made by
 #
 # ```
-# python -m experiments.tilted --config configs/tilted.py --config.data_dir=../shared/data \
+# python -m experiments.tilted --config configs/tilted.py --config.data_dir=DATA_DIR \
 #     --workdir /tmp/zojax/tilted
 # ```
 #
@@ -31,11 +31,11 @@
 # (`jupytext --to ipynb notebooks/tilted_analysis.py`).
 #
 # **What the theory predicts** (quadratic model at a minimizer, Hessian H, smoothing radius ρ):
-# ZEST descends L_t = (1/t) log E exp(t f(x + ρu)). For small t, L_t ≈ f + (ρ²/2) tr H
-# + (tρ⁴/4)(tr H² − …): the trace, as plain ZO, with tr H² growing in weight as t grows. For
-# large t (sphere perturbations), L_t → f + (ρ²/2) d λ_max: the top eigenvalue. So where the
-# minimizers with the smallest trace and with the smallest λ_max differ, small t should end at
-# the first and large t at the second.
+# ZEST descends L_t = (1/t) log E exp(t f(x + ρu)). For small t,
+# L_t ≈ f + (ρ²/2) tr H + (tρ⁴/4)(tr H² − …): the trace, as plain ZO, with tr H² growing in
+# weight as t grows. For large t (sphere perturbations), L_t → f + (ρ²/2) d λ_max: the top
+# eigenvalue. So where the minimizers with the smallest trace and with the smallest λ_max
+# differ, small t should end at the first and large t at the second.
 
 # %%
 import json
@@ -56,7 +56,7 @@ from experiments import tilted  # noqa: E402
 from zojax.problems import two_scales  # noqa: E402
 
 COMMAND = ("python -m experiments.tilted --config configs/tilted.py "
-           "--config.data_dir=../shared/data --workdir /tmp/zojax/tilted")
+           "--config.data_dir=DATA_DIR --workdir /tmp/zojax/tilted")
 workdir = pathlib.Path(os.environ.get("ZOJAX_TILTED_DIR", "/tmp/zojax/tilted")).expanduser()
 results = None
 if (workdir / "results.json").is_file():

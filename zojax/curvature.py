@@ -76,7 +76,8 @@ def hessian_diagonal(fun, params, *args, chunk_size: int | None = None, **kwargs
     Args:
         fun: ``fun(params, *args, **kwargs) -> scalar``, twice differentiable.
         params: pytree of floating-point arrays.
-        *args, **kwargs: passed to ``fun``.
+        *args: passed to ``fun``.
+        **kwargs: passed to ``fun``.
         chunk_size: number of basis vectors per batch.
 
     Returns:
@@ -105,7 +106,8 @@ def hessian_trace(fun, params, *args, chunk_size: int | None = None, **kwargs):
     Args:
         fun: ``fun(params, *args, **kwargs) -> scalar``, twice differentiable.
         params: pytree of floating-point arrays.
-        *args, **kwargs: passed to ``fun``.
+        *args: passed to ``fun``.
+        **kwargs: passed to ``fun``.
         chunk_size: number of basis vectors per batch.
 
     Returns:
@@ -189,7 +191,8 @@ def hutchinson_diagonal(fun, key, params, *args, num_samples: int,
         fun: ``fun(params, *args, **kwargs) -> scalar``, twice differentiable.
         key: typed PRNG key.
         params: pytree of floating-point arrays.
-        *args, **kwargs: passed to ``fun``.
+        *args: passed to ``fun``.
+        **kwargs: passed to ``fun``.
         num_samples: number of probes (static).
         chunk_size: probes per vmapped batch (static).
         direction: a name, sampler or perturbation of :mod:`zojax.directions`.
@@ -231,7 +234,8 @@ def hessian_square_trace(fun, key, params, *args, num_samples: int, exact: bool 
         fun: ``fun(params, *args, **kwargs) -> scalar``, twice differentiable.
         key: typed PRNG key.
         params: pytree of floating-point arrays.
-        *args, **kwargs: passed to ``fun``.
+        *args: passed to ``fun``.
+        **kwargs: passed to ``fun``.
         num_samples: number of probes (static).
         exact: sum over the basis instead (static).
         chunk_size: probes (or basis vectors, when exact) per vmapped batch (static).

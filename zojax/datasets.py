@@ -188,7 +188,7 @@ def load_libsvm(name: str, data_dir: str | os.PathLike | None = None,
             ``download=True`` for an unknown name.
 
     Example:
-        >>> data = load_libsvm("a7a", data_dir="../shared/data")  # doctest: +SKIP
+        >>> data = load_libsvm("a7a", data_dir="~/data")  # doctest: +SKIP
         >>> data.train_inputs.shape, data.test_inputs.shape  # doctest: +SKIP
         ((16100, 123), (16461, 123))
     """

@@ -1,6 +1,6 @@
 r"""Perturbations: the directions a zeroth-order estimator probes, and their state.
 
-A :class:`Perturbation` is the first stage of every estimator (see the README's Architecture):
+A :class:`Perturbation` is the first stage of every estimator (see docs/guides/architecture.md):
 four pure functions in the shape of optax's ``GradientTransformation``,
 
 - ``init(params) -> state`` (``()`` for a stateless perturbation),

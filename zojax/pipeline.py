@@ -8,7 +8,7 @@ Two-point estimates with ``q`` directions :math:`u_i` (see :mod:`zojax.direction
     \qquad
     \text{forward: } \hat g = \frac1q \sum_i \frac{f(x+\lambda u_i) - f(x)}{\lambda} u_i
 
-Every estimator of zojax is one pass of this loop (the README's Architecture): a
+Every estimator of zojax is one pass of this loop (docs/guides/architecture.md): a
 *perturbation* (:class:`zojax.directions.Perturbation`) samples direction ``i`` from
 ``jax.random.fold_in(key, i)``; an *evaluation* computes the objective values the scheme needs,
 :math:`f(x + t_k u_i)` for the steps :math:`t_k` (``[λ, −λ]`` central, ``[λ]`` forward); a

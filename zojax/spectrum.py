@@ -191,7 +191,8 @@ def hessian_spectrum(fun, key, params, *args, num_iters: int, num_samples: int,
         fun: ``fun(params, *args, **kwargs) -> scalar``, twice differentiable.
         key: typed PRNG key.
         params: pytree of floating-point arrays (flattened into :math:`\mathbb{R}^d`).
-        *args, **kwargs: passed to ``fun``.
+        *args: passed to ``fun``.
+        **kwargs: passed to ``fun``.
         num_iters: Lanczos steps per probe (static).
         num_samples: number of probes (static).
         reorthogonalize: keep the bases and reorthogonalize against them (static); ``None``:

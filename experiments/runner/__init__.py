@@ -1,7 +1,7 @@
 """The training loop every experiment shares.
 
 An experiment module builds problems (:class:`Problem`: objective, data, starting point, metrics)
-and runs (:class:`Member`), and calls :func:`run` with them, its config and a workdir:
+and runs (:class:`Member`), and calls :func:`run` with them, its config and a workdir::
 
     problem = runner.Problem(loss=loss, metrics=metrics, init_params=params)
     members = runner.sweep("gd", config.gd, problem) + runner.sweep("zo", config.zo, problem)

@@ -1,5 +1,6 @@
 """Data parallel: a zojax step in ``jax.shard_map`` over a mesh axis "data", the batch split over
-the devices, params and optimizer state replicated: the README's recipe, on 2 devices.
+the devices, params and optimizer state replicated: the recipe of docs/guides/optax_flax.md, on 2
+devices.
 
 The recipe: the objective averages the loss over the devices,
 ``value_fn=lambda p: jax.lax.pmean(loss(p, local_batch), "data")``. Every device then draws the

@@ -1,8 +1,9 @@
-"""The bilinear test function of "ZO Optimization Finds Flat Minima" (Example 2.1, Figure 1).
+r"""The bilinear test function of "ZO Optimization Finds Flat Minima" (Example 2.1, Figure 1).
 
 For x = (y, z) with y, z ∈ R^d,
 
-    h(y, z) = (yᵀz − 1)² / 2,      tr ∇²h(y, z) = ‖y‖² + ‖z‖².
+.. math:: h(y, z) = \tfrac12 (y^\top z - 1)^2, \qquad
+    \operatorname{tr} \nabla^2 h(y, z) = \|y\|^2 + \|z\|^2.
 
 Every point with yᵀz = 1 is a minimizer; the flattest ones have y = z, ‖y‖ = 1 and trace 2.
 """
