@@ -115,6 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.num_steps = 4
         config.gd_steps = 2
         config.eval_every = 2
+        config.concurrent_programs = 2
     elif arg:
         raise ValueError(f"Unknown variant {arg!r}; known: 'all', 'paper', 'smoke'.")
     return config

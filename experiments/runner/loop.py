@@ -205,7 +205,9 @@ def train(experiment: Experiment, config, config_dict: dict, workdir: pathlib.Pa
         _groups.place(group)
         group.counts_queries = _program.counts_queries(group.state.opt_state)
 
-    with concurrent.futures.ThreadPoolExecutor() as pool:  # compiles while the rest is set up
+    # Compiles while the rest is set up, at most concurrent_programs at a time: a large model's
+    # compilations hold gigabytes each (SmolLM2's six programs side by side: 16 GB).
+    with concurrent.futures.ThreadPoolExecutor(config.get("concurrent_programs")) as pool:
         started = time.perf_counter()
         compiling = _groups.compile_groups(groups, data_key, pool)
         first_check = _start_cross_check(groups, "first", checker)
