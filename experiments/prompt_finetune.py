@@ -47,11 +47,12 @@ fixed training batch (``batch_size`` rows of a ``data_seed`` permutation):
   (the LoRA adapters, the prefix), else over the last decoder layer, the rest held fixed
   (``hparams.trace_of`` says which).
 
-Data (``config.data_dir``, else ``$ZOJAX_DATA_DIR``, else ``~/.cache/zojax``, holding ``text/``):
-as :mod:`experiments.finetune` reads it (:func:`experiments.text_tasks.load_task`): the LM-BFF
-16-shot splits (``config.split``, default 16-42), test sets whole up to 1,000 rows (SST-2 872,
-TREC 500) and 1,000 sampled rows of SST-5. ``task="synthetic"`` with ``model="default"`` (the
-embedded random 2-layer Llama) needs neither data nor the model package: the smoke test.
+Data (``config.data_dir``, else ``$ZOJAX_DATA_DIR``, else ``~/.cache/zojax``, holding ``text/``): as
+:mod:`experiments.finetune` reads it (:func:`experiments.text_tasks.load_task`): the LM-BFF 16-shot
+splits (``config.split``, default 16-42; ``config.splits``, several), test sets whole up to 1,000
+rows (SST-2 872, TREC 500) and 1,000 sampled rows of SST-5. ``task="synthetic"`` with
+``model="default"`` (the embedded random 2-layer Llama) needs neither data nor the model package:
+the smoke test.
 
     python -m experiments.prompt_finetune --config configs/prompt_finetune.py \
         --config.data_dir=$DATA --workdir /tmp/zojax/prompt_finetune
@@ -358,6 +359,26 @@ def _members(config, name: str, problem: runner.Problem, task: str, labels: dict
                         num_steps=steps)
 
 
+def _task_members(config, loaded, runs, heads, task_name, split, prefix) -> list:
+    task = text_tasks.load_task(task_name, config.k, split, config.data_dir, config.data_seed)
+    if config.batch_size > len(task.train_labels):
+        raise runner.ConfigError(f"config.batch_size ({config.batch_size}) exceeds the "
+                                 f"{len(task.train_labels)} training rows of {task.name}.")
+    found, labels = problems(config, task, loaded, heads,
+                             need_prefix=any(RUNS[r][2] == "prefix" for r in runs),
+                             calibrate="zero_shot_calibrated" in runs)
+    labels["split"] = split
+    if "calibration_bias" in labels:
+        logging.info("%s: calibration bias %s", prefix, labels["calibration_bias"])
+    members = []
+    for name in runs:
+        _, head, tuned = RUNS[name]
+        kind = ("calibrated" if name == "zero_shot_calibrated" else
+                "prefix" if tuned == "prefix" else head)
+        members += _members(config, name, found[kind], prefix, labels)
+    return members
+
+
 def get_experiment(config) -> runner.Experiment:
     """Every run of ``config.runs`` on every task of ``config.tasks``."""
     _check_config(config)
@@ -368,22 +389,11 @@ def get_experiment(config) -> runner.Experiment:
     runs = runner.as_tuple(config.runs)
     heads = {RUNS[r][1] for r in runs}
     members = []
+    splits = tuple(config.get("splits") or (config.split,))  # several: the "splits" variant
     for task_name in runner.as_tuple(config.tasks):
-        task = text_tasks.load_task(task_name, config.k, config.split, config.data_dir,
-                                    config.data_seed)
-        if config.batch_size > len(task.train_labels):
-            raise runner.ConfigError(f"config.batch_size ({config.batch_size}) exceeds the "
-                                     f"{len(task.train_labels)} training rows of {task.name}.")
-        found, labels = problems(config, task, loaded, heads,
-                                 need_prefix=any(RUNS[r][2] == "prefix" for r in runs),
-                                 calibrate="zero_shot_calibrated" in runs)
-        if "calibration_bias" in labels:
-            logging.info("%s: calibration bias %s", task.name, labels["calibration_bias"])
-        for name in runs:
-            _, head, tuned = RUNS[name]
-            kind = ("calibrated" if name == "zero_shot_calibrated" else
-                    "prefix" if tuned == "prefix" else head)
-            members += _members(config, name, found[kind], task.name, labels)
+        for split in splits:
+            members += _task_members(config, loaded, runs, heads, task_name, split,
+                                     f"{task_name}@{split}" if len(splits) > 1 else task_name)
     return runner.Experiment(NAME, members, plot=plot, summary=summary, methods=METHODS,
                              progress_metrics=("loss", "test_accuracy"))
 
@@ -419,7 +429,8 @@ def table(results: dict) -> str:
             return f"{start:{fmt}} → {end:{fmt}}"
 
         h = run["hparams"]
-        lines.append(f"| {h['task']} | {_describe(run)} | {run['steps'][-1]} | "
+        task = h["task"] if h.get("split") in (None, "16-42") else f"{h['task']} ({h['split']})"
+        lines.append(f"| {task} | {_describe(run)} | {run['steps'][-1]} | "
                      f"{pair('test_accuracy', '.3f')} | {pair('loss', '.3f')} | "
                      f"{pair('zo_trace')} | {pair('hutchinson_trace')} ({h['trace_of']}) |")
     return "\n".join(lines)

@@ -43,13 +43,13 @@ tunes), :mod:`~experiments.runner.program` (the compiled chunk),
 workdir), :mod:`~experiments.runner.cli` (the command line, not imported here: absl flags).
 
 Config fields read here: ``num_steps``, ``eval_every``, ``log_evals``, ``evals_per_chunk``,
-``checkpoint_every`` and optionally ``rng_impl``, ``batch_members``, ``metrics_batch`` (default
-1: evaluations whose metrics are vmapped together; memory grows with it), ``data_seed``
-(default 0: the minibatch key), ``concurrent_programs`` (default: the CPU count; how many
-programs compile and run side by side; 1 runs them one after the other) and ``mesh_shape`` (default none:
-one device; a dict of axis name → size, ``{"members": 8}`` or ``{"directions": 4, "members":
-2}``: each group's members are split over the ``members`` axis when their number is a multiple
-of its size, and the estimators split their directions over the ``directions`` axis; see
+``checkpoint_every`` and optionally ``rng_impl``, ``batch_members``, ``metrics_batch`` (default 1:
+evaluations whose metrics are vmapped together; memory grows with it), ``data_seed`` (default 0: the
+minibatch key), ``concurrent_programs`` (default: the CPU count; how many programs compile and run
+side by side; 1 runs them one after the other) and ``mesh_shape`` (default none: one device; a dict
+of axis name → size, ``{"members": 8}`` or ``{"directions": 4, "members": 2}``: each group's members
+are split over the ``members`` axis when their number is a multiple of its size, and the estimators
+split their directions over the ``directions`` axis; see
 :func:`experiments.runner.groups.make_mesh`).
 """
 

@@ -154,9 +154,22 @@ def test_k_above_the_class_counts_names_the_field():
 
 
 def test_every_variant_builds():
-    for arg in (None, "all", "paper"):
+    for arg in (None, "all", "splits", "paper"):
         config = configs.get_config(arg)
         assert set(runner.as_tuple(config.runs)) <= set(pf.RUNS)
     assert set(configs.get_config("all").runs) == set(pf.RUNS)
     with pytest.raises(ValueError, match="Unknown variant"):
         configs.get_config("fast")
+
+
+@pytest.mark.skipif(not (DATA / "text" / "k-shot").is_dir(),
+                    reason=f"the LM-BFF splits are not under {DATA / 'text'}")
+def test_several_splits_give_each_its_members():
+    config = configs.get_config("smoke")
+    config.update(dict(tasks=("sst-2",), k=16, split="16-42", splits=("16-13", "16-42"),
+                       data_dir=str(DATA), runs=("zero_shot", "zo")))
+    members = pf.get_experiment(config).members
+    assert [m.name for m in members] == [
+        "sst-2@16-13/zero_shot", "sst-2@16-13/zo(seed=0)", "sst-2@16-13/zo(seed=1)",
+        "sst-2@16-42/zero_shot", "sst-2@16-42/zo(seed=0)", "sst-2@16-42/zo(seed=1)"]
+    assert members[0].labels["split"] == "16-13" and members[0].labels["num_train"] == 32
