@@ -6,6 +6,14 @@ entries, e.g. some rows of a leaf, is computed without the others: the same bits
 draw, bit for bit. :mod:`zojax._cpu` builds its fused sampler on :func:`bits`; the
 low-memory mode (:mod:`zojax.low_memory`) draws the rows of an embedding table that a batch
 reads with :func:`normal_rows` / :func:`rademacher_rows`.
+
+The *fast* stream (``stream="fast"`` of :mod:`zojax.directions`; not ``jax.random``'s numbers)
+is built here too, from the same hash: :func:`fast_normal` keeps both 32-bit words of each hash
+(``jax.random`` XORs them into one) and turns their 64 bits into a standardized binomial,
+(number of ones − 32) / 4, with a population count in place of erf⁻¹;
+:func:`packed_rademacher` takes 64 signs from each hash, whose words are computed once per draw
+(1/32 of the leaf's float32 bytes) and kept apart from the expansion by an optimization
+barrier, so XLA does not compute the hash again for each of the 64 entries.
 """
 
 import math
@@ -114,3 +122,81 @@ def rademacher_rows(key, shape, dtype, rows):
         return None
     counters, out_shape = _row_counters(shape, rows)
     return rademacher_from_bits(counter_bits(key, counters, 32), dtype).reshape(out_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast stream: both words of each hash.
+
+def key_words(key):
+    """The two uint32 words that key the fast stream: a Threefry key's own data, else two words
+    drawn from the key."""
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+        data = jax.random.key_data(key)
+    else:
+        data = jax.random.bits(key, (2,), jnp.uint32)
+    return data[0], data[1]
+
+
+def both_words(key, counters):
+    """Both 32-bit words of the hash of each counter (uint32, any shape) under ``key``."""
+    k1, k2 = key_words(key)
+    return _threefry2x32(k1, k2, jnp.zeros(counters.shape, np.uint32), counters)
+
+
+def _check_fast_size(shape, per_counter: int):
+    size = math.prod(shape)
+    if size > per_counter * 2**32:
+        raise ValueError(f"stream='fast': a leaf of {size} entries is more than its counters "
+                         f"reach ({per_counter} × 2³²).")
+
+
+def _binomial(word1, word2, dtype):
+    """(#ones of the 64 bits − 32) / 4: mean 0, variance 1, exact in every float dtype."""
+    ones = lax.population_count(word1) + lax.population_count(word2)
+    return ((ones.astype(jnp.int32) - 32).astype(jnp.float32) * np.float32(0.25)).astype(dtype)
+
+
+def fast_normal(key, shape, dtype):
+    """The fast stream's approximately normal draw of ``shape``: entry ``e`` is the standardized
+    binomial of the 64 bits of the hash of counter ``e``."""
+    _check_fast_size(shape, 1)
+    word1, word2 = both_words(key, lax.iota(np.uint32, math.prod(shape)))
+    return _binomial(word1, word2, dtype).reshape(shape)
+
+
+def fast_normal_rows(key, shape, dtype, rows):
+    """Rows ``rows`` of :func:`fast_normal` ``(key, shape, dtype)``, drawn alone."""
+    _check_fast_size(shape, 1)
+    counters, out_shape = _row_counters(shape, rows)
+    return _binomial(*both_words(key, counters), dtype).reshape(out_shape)
+
+
+def _signs(words, bit, dtype):
+    """±1 from bit ``bit`` of ``words`` (+1 where it is 0), as a float32 sign bit."""
+    sign = ((words >> bit) & np.uint32(1)) << np.uint32(31)
+    return lax.bitcast_convert_type(sign | np.uint32(0x3F800000), jnp.float32).astype(dtype)
+
+
+def packed_rademacher(key, shape, dtype):
+    """The fast stream's Rademacher draw of ``shape``: entry ``e`` is bit ``e mod 32`` of word
+    ``⌊e / 32⌋ mod 2`` of the hash of counter ``⌊e / 64⌋`` (+1 for a 0 bit)."""
+    _check_fast_size(shape, 64)
+    size = math.prod(shape)
+    num = -(-size // 64)
+    words = jnp.stack(both_words(key, lax.iota(np.uint32, num)), -1)  # (num, 2)
+    # Computed and stored once: without the barrier XLA fuses the hash into the expansion and
+    # computes it for each of the 64 entries of a counter.
+    words = lax.optimization_barrier(words)
+    bit = lax.broadcasted_iota(np.uint32, (num, 2, 32), 2)
+    signs = _signs(words[..., None], bit, dtype).reshape(num * 64)
+    return (signs if num * 64 == size else signs[:size]).reshape(shape)
+
+
+def packed_rademacher_rows(key, shape, dtype, rows):
+    """Rows ``rows`` of :func:`packed_rademacher` ``(key, shape, dtype)``: each entry's hash
+    computed for it (the rows of a batch are few)."""
+    _check_fast_size(shape, 64)
+    entries, out_shape = _row_counters(shape, rows)
+    word1, word2 = both_words(key, entries >> np.uint32(6))
+    words = jnp.where((entries >> np.uint32(5)) & np.uint32(1), word2, word1)
+    return _signs(words, entries & np.uint32(31), dtype).reshape(out_shape)

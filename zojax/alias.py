@@ -91,8 +91,8 @@ def _check_learning_rate(learning_rate) -> None:
 def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
            direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
            chunk_size: int | None = None, seed=0,
-           directions_sharding: NamedSharding | None = None, low_memory: bool = False
-           ) -> optax.GradientTransformationExtraArgs:
+           directions_sharding: NamedSharding | None = None, low_memory: bool = False,
+           stream: str = "jax") -> optax.GradientTransformationExtraArgs:
     """ZO-SGD: ``zojax.chain(two_point(smoothing, num_directions, ...), sgd(learning_rate))``.
 
     The keyword arguments are those of :func:`two_point` (explicit, so that
@@ -107,36 +107,36 @@ def zo_sgd(learning_rate, smoothing, num_directions: int = 1, *,
     return chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding,
-                  low_memory=low_memory),
+                  low_memory=low_memory, stream=stream),
         optax.sgd(learning_rate))
 
 
 def zo_adam(learning_rate, smoothing, num_directions: int = 1, *, b1=0.9, b2=0.999, eps=1e-8,
             direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
             chunk_size: int | None = None, seed=0,
-            directions_sharding: NamedSharding | None = None, low_memory: bool = False
-            ) -> optax.GradientTransformationExtraArgs:
+            directions_sharding: NamedSharding | None = None, low_memory: bool = False,
+            stream: str = "jax") -> optax.GradientTransformationExtraArgs:
     """ZO-Adam: ``zojax.chain(two_point(...), adam(learning_rate, b1, b2, eps))``: a skipped
     (non-finite) step leaves Adam's moments and count as they were (see :func:`chain`)."""
     _check_learning_rate(learning_rate)
     return chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding,
-                  low_memory=low_memory),
+                  low_memory=low_memory, stream=stream),
         optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
 
 
 def zo_sign_sgd(learning_rate, smoothing, num_directions: int = 1, *,
                 direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
                 chunk_size: int | None = None, seed=0,
-                directions_sharding: NamedSharding | None = None, low_memory: bool = False
-                ) -> optax.GradientTransformationExtraArgs:
+                directions_sharding: NamedSharding | None = None, low_memory: bool = False,
+                stream: str = "jax") -> optax.GradientTransformationExtraArgs:
     """ZO-signSGD: steps of ``-learning_rate · sign(ĝ)``."""
     _check_learning_rate(learning_rate)
     return chain(
         two_point(smoothing, num_directions, direction=direction, scheme=scheme,
                   chunk_size=chunk_size, seed=seed, directions_sharding=directions_sharding,
-                  low_memory=low_memory),
+                  low_memory=low_memory, stream=stream),
         optax.scale_by_sign(), optax.scale_by_learning_rate(learning_rate))
 
 

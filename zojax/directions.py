@@ -36,6 +36,18 @@ size for every kind and :math:`\mathbb{E}[(u^\top g)\, u] = g`:
   on quadratics, by :math:`\frac{\lambda\sqrt{d}}{2}\operatorname{diag}\nabla^2 f`.
 
 All four are unbiased for :math:`\nabla f` on quadratics with the central scheme.
+
+Streams (``stream=``, static, in every estimator that takes a ``direction``; :data:`STREAMS`):
+
+- ``"jax"`` (the default): ``jax.random``'s numbers, bit for bit (``jax.random.normal`` /
+  ``rademacher`` of the leaf's split of the key), so every result reproduces.
+- ``"fast"``: cheaper numbers from the same Threefry hash, for ``"gaussian"`` and
+  ``"rademacher"`` only (:func:`fast_gaussian`, :func:`packed_rademacher`): each hash gives 64
+  bits (``jax.random`` XORs its two words into 32), and an entry is a standardized binomial of
+  64 bits (a population count instead of erf⁻¹) or one of 64 signs. Still isotropic and
+  symmetric, so every estimate keeps its mean on quadratics; the Gaussian is approximate (65
+  values in [−8, 8], the normal's moments up to the third, a fourth moment 3 − 1/32). What it
+  buys, measured: ``benchmarks/streams.py``.
 """
 
 import math
@@ -126,12 +138,24 @@ def is_stateless(perturbation: Perturbation) -> bool:
     return perturbation.init is _no_state and perturbation.prepare is _no_context
 
 
-def as_perturbation(direction) -> Perturbation:
-    """The :class:`Perturbation` of a ``direction`` argument: a name, a sampler or one itself.
+def as_perturbation(direction, stream: str = "jax") -> Perturbation:
+    """The :class:`Perturbation` of a ``direction`` argument: a name, a sampler or one itself,
+    drawn from the random stream ``stream`` (a name in :data:`STREAMS`).
 
     Raises:
-        ValueError: ``direction`` is none of these (the message lists the names).
+        ValueError: ``direction`` is none of these (the message lists the names); ``stream`` is
+            not a stream, or one ``direction`` cannot be drawn from (the message names both).
     """
+    if not (isinstance(stream, str) and stream in STREAMS):
+        raise ValueError(f"stream must be one of {tuple(STREAMS)}, got {stream!r} (a static "
+                         "option).")
+    if stream != "jax":
+        names = STREAMS[stream]
+        if isinstance(direction, str) and direction in names:
+            return names[direction]
+        raise ValueError(
+            f"stream={stream!r} draws the directions {tuple(names)} only; direction="
+            f"{direction!r} cannot be drawn from it (use stream='jax' for it).")
     if isinstance(direction, Perturbation):
         return direction
     if isinstance(direction, str) and direction in SAMPLERS:
@@ -224,6 +248,31 @@ def sphere(key, params):
     )
 
 
+def fast_gaussian(key, params):
+    """The ``"gaussian"`` directions of the fast stream: each entry ``(ones − 32) / 4`` over
+    the 64 bits of one Threefry hash, a standardized binomial: mean 0, ``E[u uᵀ] = I``,
+    symmetric, approximately normal (see the module doc). Not ``jax.random``'s numbers.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> u = fast_gaussian(jax.random.key(0), {"w": jnp.zeros(3)})
+        >>> u["w"].shape
+        (3,)
+    """
+    leaves, treedef, keys = _leaf_keys(key, params)
+    return treedef.unflatten(
+        [_threefry.fast_normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+
+
+def packed_rademacher(key, params):
+    """The ``"rademacher"`` directions of the fast stream: independent ±1 entries, 64 from each
+    Threefry hash (32 from each of its words), so ``E[u uᵀ] = I``. Not ``jax.random``'s
+    numbers."""
+    leaves, treedef, keys = _leaf_keys(key, params)
+    return treedef.unflatten(
+        [_threefry.packed_rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)])
+
+
 def coordinate(key, params):
     """``√d · e_i`` with the coordinate ``i`` uniform over all ``d`` parameters; ``E[u uᵀ] = I``."""
     leaves, treedef = jax.tree.flatten(params)
@@ -252,3 +301,14 @@ PERTURBATIONS["gaussian"] = stateless(gaussian, sample_leaf=_leaf_sampler(
     _cpu.normal, _threefry.normal_rows))
 PERTURBATIONS["rademacher"] = stateless(rademacher, sample_leaf=_leaf_sampler(
     _cpu.rademacher, _threefry.rademacher_rows))
+
+# The directions of each random stream (``stream=``); "jax" holds every name above.
+STREAMS: dict[str, dict[str, Perturbation]] = {
+    "jax": PERTURBATIONS,
+    "fast": {
+        "gaussian": stateless(fast_gaussian, sample_leaf=_leaf_sampler(
+            _threefry.fast_normal, _threefry.fast_normal_rows)),
+        "rademacher": stateless(packed_rademacher, sample_leaf=_leaf_sampler(
+            _threefry.packed_rademacher, _threefry.packed_rademacher_rows)),
+    },
+}

@@ -21,13 +21,15 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
                        weighting: weightings.Weighting | None = None,
                        perturbation_state=None,
                        directions_sharding: NamedSharding | None = None,
-                       low_memory: bool = False, **extra_args) -> pipeline.Estimate:
+                       low_memory: bool = False, stream: str = "jax",
+                       **extra_args) -> pipeline.Estimate:
     """One step of the two-point estimator: the :class:`Estimate` for ``fun(params)``.
 
     The perturbation's ``update`` receives the step's key, params, values and ``extra_args``.
-    ``low_memory``: see :mod:`zojax.low_memory` (no ``weighting``, ``perturbation_state``).
+    ``low_memory``: see :mod:`zojax.low_memory` (no ``weighting``, ``perturbation_state``);
+    ``stream``: see :mod:`zojax.directions`.
     """
-    perturbation = as_perturbation(direction)
+    perturbation = as_perturbation(direction, stream)
     if low_memory:
         if weighting is not None:
             raise ValueError("two_point_estimate: low_memory=True weights the directions by "
@@ -48,10 +50,10 @@ def two_point_estimate(fun: Callable, key, params, *, smoothing, num_directions:
 
 
 def _validate(smoothing, num_directions, direction, scheme, chunk_size,
-              directions_sharding=None, low_memory=False, name="two_point"):
+              directions_sharding=None, low_memory=False, name="two_point", stream="jax"):
     pipeline.validate(smoothing, num_directions, chunk_size=chunk_size,
                       directions_sharding=directions_sharding)
-    perturbation = as_perturbation(direction)
+    perturbation = as_perturbation(direction, stream)
     _checks.check_choice("scheme", scheme, pipeline.SCHEMES)
     if not isinstance(low_memory, bool):
         raise ValueError(
@@ -71,7 +73,7 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
                       direction: str | Sampler | Perturbation = "gaussian",
                       scheme: str = "central", chunk_size: int | None = None,
                       directions_sharding: NamedSharding | None = None,
-                      low_memory: bool = False):
+                      low_memory: bool = False, stream: str = "jax"):
     r"""Two-point zeroth-order value and gradient estimator.
 
     Args:
@@ -92,6 +94,9 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
             ``chunk_size``); None: one device. See the module doc.
         low_memory: regenerate every direction where it is used instead of storing it
             (:mod:`zojax.low_memory`); the same estimate. Needs a stateless direction.
+        stream: ``"jax"`` (``jax.random``'s numbers, bit for bit) or ``"fast"`` (cheaper
+            numbers for ``"gaussian"`` and ``"rademacher"``; see :mod:`zojax.directions`)
+            (static).
 
     Returns:
         ``value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs) -> (value,
@@ -107,8 +112,8 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
         (3,)
     """
     _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding,
-              low_memory, "zo_value_and_grad")
-    perturbation = as_perturbation(direction)
+              low_memory, "zo_value_and_grad", stream)
+    perturbation = as_perturbation(direction, stream)
 
     def value_and_grad_fn(key, params, *args, perturbation_state=None, **kwargs):
         if low_memory:
@@ -132,7 +137,7 @@ def zo_value_and_grad(fun: Callable, *, smoothing, num_directions: int = 1,
 def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
             direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
             chunk_size: int | None = None, directions_sharding: NamedSharding | None = None,
-            low_memory: bool = False):
+            low_memory: bool = False, stream: str = "jax"):
     r"""Two-point zeroth-order gradient estimator, :math:`\hat g \approx \nabla f_\lambda(x)`.
 
     Same arguments as :func:`zo_value_and_grad`; returns ``grad_fn(key, params, *args,
@@ -147,7 +152,7 @@ def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
     value_and_grad_fn = zo_value_and_grad(
         fun, smoothing=smoothing, num_directions=num_directions, direction=direction,
         scheme=scheme, chunk_size=chunk_size, directions_sharding=directions_sharding,
-        low_memory=low_memory)
+        low_memory=low_memory, stream=stream)
 
     def grad_fn(key, params, *args, **kwargs):
         return value_and_grad_fn(key, params, *args, **kwargs)[1]
@@ -158,11 +163,11 @@ def zo_grad(fun: Callable, *, smoothing, num_directions: int = 1,
 def forward_grad_estimate(fun: Callable, key, params, *, num_directions: int,
                           direction: str | Sampler | Perturbation = "gaussian",
                           chunk_size: int | None = None, perturbation_state=None,
-                          **extra_args) -> pipeline.Estimate:
+                          stream: str = "jax", **extra_args) -> pipeline.Estimate:
     """One step of the forward gradient ``mean_i (u_iᵀ∇f) u_i`` (one jvp per direction)."""
     _checks.check_float_params(params)
     objective = as_objective(fun)
-    perturbation = as_perturbation(direction)
+    perturbation = as_perturbation(direction, stream)
     state = pipeline.state_or_init(perturbation, params, perturbation_state, "forward_grad")
     weighting = weightings.mean(lambda values: values[:, 1])
 
@@ -181,11 +186,11 @@ def forward_grad_estimate(fun: Callable, key, params, *, num_directions: int,
 
 
 def forward_grad(fun: Callable, *, num_directions: int = 1,
-                 direction: str | Sampler | Perturbation = "gaussian"):
+                 direction: str | Sampler | Perturbation = "gaussian", stream: str = "jax"):
     r"""The λ → 0 limit of the two-point estimator: :math:`\frac1q\sum_i (u_i^\top\nabla f)\,u_i`.
 
     The "forward gradient" of ZO-Bench, computed with ``jax.jvp``: unlike :func:`zo_grad` it
-    *does* differentiate ``fun`` (one jvp per direction). Returns
+    *does* differentiate ``fun`` (one jvp per direction); ``stream`` as :func:`zo_grad`. Returns
     ``grad_fn(key, params, *args, perturbation_state=None, **kwargs)``.
 
     Example:
@@ -195,7 +200,7 @@ def forward_grad(fun: Callable, *, num_directions: int = 1,
         (3,)
     """
     _checks.check_positive_int("num_directions", num_directions)
-    perturbation = as_perturbation(direction)
+    perturbation = as_perturbation(direction, stream)
 
     def grad_fn(key, params, *args, perturbation_state=None, **kwargs):
         return forward_grad_estimate(bind(fun, *args, **kwargs), key, params,
@@ -208,8 +213,8 @@ def forward_grad(fun: Callable, *, num_directions: int = 1,
 def two_point(smoothing, num_directions: int = 1, *,
               direction: str | Sampler | Perturbation = "gaussian", scheme: str = "central",
               chunk_size: int | None = None, seed=0,
-              directions_sharding: NamedSharding | None = None, low_memory: bool = False
-              ) -> optax.GradientTransformationExtraArgs:
+              directions_sharding: NamedSharding | None = None, low_memory: bool = False,
+              stream: str = "jax") -> optax.GradientTransformationExtraArgs:
     r"""Two-point zeroth-order gradient estimate as an optax transformation.
 
     .. math:: \hat g = \frac1q\sum_{i=1}^q \frac{f(x+\lambda u_i)-f(x-\lambda u_i)}{2\lambda}\,u_i
@@ -232,6 +237,9 @@ def two_point(smoothing, num_directions: int = 1, *,
             params about one parameter size above the forward pass, or less with a per-layer
             objective (:func:`zojax.layerwise`). Needs a stateless direction; no
             ``directions_sharding``.
+        stream: ``"jax"`` (the default: ``jax.random``'s numbers, bit for bit) or ``"fast"``
+            (cheaper numbers for ``"gaussian"`` and ``"rademacher"``, see
+            :mod:`zojax.directions`) (static).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *,
@@ -246,8 +254,8 @@ def two_point(smoothing, num_directions: int = 1, *,
         >>> params = optax.apply_updates(params, updates)
     """
     _validate(smoothing, num_directions, direction, scheme, chunk_size, directions_sharding,
-              low_memory)
-    perturbation = as_perturbation(direction)
+              low_memory, stream=stream)
+    perturbation = as_perturbation(direction, stream)
 
     def estimate(key, value_fn, params, perturbation_state, **extra_args):
         return two_point_estimate(
@@ -262,12 +270,13 @@ def two_point(smoothing, num_directions: int = 1, *,
 
 def forward_gradient(num_directions: int = 1, *,
                      direction: str | Sampler | Perturbation = "gaussian", seed=0,
-                     chunk_size: int | None = None) -> optax.GradientTransformationExtraArgs:
+                     chunk_size: int | None = None, stream: str = "jax"
+                     ) -> optax.GradientTransformationExtraArgs:
     r"""The λ → 0 limit of :func:`two_point`: :math:`\frac1q\sum_i (u_i^\top\nabla f)\,u_i` by jvp.
 
     Differentiates ``value_fn`` (forward mode, one jvp per direction); a reference for what
     :func:`two_point` does without its smoothing bias. Same state and ``update`` as
-    :func:`two_point`.
+    :func:`two_point`; ``stream`` as there.
 
     Example:
         >>> import jax.numpy as jnp
@@ -277,7 +286,7 @@ def forward_gradient(num_directions: int = 1, *,
     """
     _checks.check_positive_int("num_directions", num_directions)
     _checks.check_positive_int("chunk_size", chunk_size, allow_none=True)
-    perturbation = as_perturbation(direction)
+    perturbation = as_perturbation(direction, stream)
 
     def estimate(key, value_fn, params, perturbation_state, **extra_args):
         return forward_grad_estimate(
