@@ -58,7 +58,8 @@ def test_the_smoke_config_runs_every_method_head_and_tuning(smoke):
 def _problem(config, kind):
     loaded = pf.load_model(config)
     task = text_tasks.load_task("synthetic", config.k, None, None, config.data_seed)
-    found, labels = pf.problems(config, task, loaded, {"prompt", "linear"}, True, True)
+    found, labels = pf.problems(config, task, loaded, {"prompt"}, need_prefix=False,
+                                calibrate=kind == "calibrated")
     return found[kind], labels, loaded
 
 
@@ -72,7 +73,7 @@ def test_zero_shot_members_are_the_model_evaluated_as_it_is(smoke):
         problem, labels, loaded = _problem(config, kind)
         scorer, bias, train, test, _ = problem.eval_data
         ids, mask, y, weights = (np.concatenate(x) for x in test)
-        logits = np.asarray(scorer.logits(loaded.params, ids, mask, bias))
+        logits = np.asarray(jax.jit(scorer.logits)(loaded.params, ids, mask, bias))
         accuracy = np.sum(weights * (logits.argmax(-1) == y)) / weights.sum()
         np.testing.assert_allclose(_run(results, name)["metrics"]["test_accuracy"], [accuracy],
                                    rtol=1e-6)
