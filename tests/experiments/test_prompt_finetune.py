@@ -123,12 +123,12 @@ def test_the_prompt_loss_is_the_label_words_cross_entropy():
                                expected, rtol=1e-5)
 
 
-def test_a_zero_step_member_must_not_be_negative():
+def test_a_zero_step_member_must_not_be_negative(tmp_path):
     config = configs.get_config("smoke")
     problem, _, _ = _problem(config, "prompt")
     member = runner.Member("m", "zero_shot", {"seed": 0}, problem, -1)
     with pytest.raises(runner.ConfigError, match="num_steps must be a non-negative int"):
-        runner.run(runner.Experiment("x", [member], methods=pf.METHODS), config, "/nonexistent")
+        runner.run(runner.Experiment("x", [member], methods=pf.METHODS), config, tmp_path)
 
 
 @pytest.mark.parametrize("change, match", [
