@@ -271,7 +271,7 @@ def test_unknown_method_field_is_an_error_listing_the_fields(digits, tmp_path):
     with pytest.raises(runner.ConfigError, match=r"'zo' has no field 'tilt'; its fields: "
                                                  r"\('learning_rate', 'smoothing', "
                                                  r"'num_directions', 'direction', 'scheme', "
-                                                 r"'chunk_size', 'low_memory', 'seed'\)"):
+                                                 r"'chunk_size', 'low_memory', 'stream', 'seed'\)"):
         runner.run(runner.Experiment("x", members), digits_config(), tmp_path)
     with pytest.raises(runner.ConfigError, match="metrics_batch must be positive"):
         runner.run(digits_experiment(problem), digits_config(metrics_batch=0), tmp_path)
