@@ -1,0 +1,19 @@
+"""Settings for the whole test session (tests/ and the doctests under zojax/).
+
+XLA's CPU compiler takes most of the suite's time: the tests compile hundreds of small programs
+each (test_pipeline.py: 386 compilations, 45 of its 56 s). The tests therefore compile with JAX's
+``jax_disable_most_optimizations``: LLVM's optimization passes are off, XLA's HLO passes (fusion,
+buffer assignment) run as always, so results and the tests of compiled memory are those users
+get; only the generated kernels are slower, which the tests' small programs do not notice.
+Benchmarks and experiments keep the defaults. ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` runs the
+suite with them; subprocesses that tests start inherit the setting.
+"""
+
+import os
+
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402  (after the environment: JAX reads it when first imported)
+
+jax.config.update("jax_disable_most_optimizations",
+                  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"))
