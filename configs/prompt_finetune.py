@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.zest = ml_collections.ConfigDict({"learning_rate": 1e-4, "tilt": 1.0, **zest})
     # t Δf of order 1: Δf = f(x + λz) − f(x − λz) is ~1e-3 at λ = 1e-3 on this loss.
     config.zest_large = ml_collections.ConfigDict({"learning_rate": 1e-4, "tilt": 1000.0, **zest})
-    config.zo_linear = ml_collections.ConfigDict({"learning_rate": 1e-4, **mezo, "seed": 0})
+    config.zo_linear = ml_collections.ConfigDict({"learning_rate": 1e-4, **mezo, "seed": (0, 1)})
     config.adam_linear = ml_collections.ConfigDict({"learning_rate": 1e-4})
 
     # Curvature on the trace batch.
