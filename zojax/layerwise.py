@@ -135,7 +135,10 @@ def _perturbing(index, direction, step):
                 f"zojax.layerwise: the module {module.__class__.__name__} at "
                 f"{'/'.join(module.path) or 'the root'} reads parameters {missing} that are "
                 "not leaves of the params given to the loss (cast, sliced or built inside "
-                "it?). Pass the params to apply as they are, or use a plain value_fn.")
+                "it?). Pass the params to apply as they are, or use a plain value_fn. For "
+                "LoRA adapters or a frozen subset, use zojax.lora.objective(loss, params) or "
+                "zojax.lora.freeze (the low-memory mode then perturbs a copy of the trained "
+                "part's size alone).")
         # Keyed to wait for the last module's output (materialized anyway: a matmul's result),
         # else this module's input: a slice of an activation function's output would be a
         # second consumer that keeps XLA from fusing the activation into the next matmul.

@@ -21,7 +21,9 @@ number), and a pattern selects the leaves it matches entirely (:func:`re.fullmat
 ``r".*(query|value)/kernel"`` selects every query and value kernel. An estimator then perturbs
 the subset (or the adapters) alone, in both memory modes: the low-memory mode regenerates a
 direction of the adapters' size, and each evaluation merges the selected matrices (one copy of
-those matrices, not of the model).
+those matrices, not of the model). :func:`zojax.layerwise`, the per-layer form of full-parameter
+steps, has nothing to save here: ``objective(layerwise(loss), ...)`` uses the plain value, and
+``layerwise(objective(...))`` is an error saying so.
 
 Example (a jitted training step: :func:`objective`):
     >>> import jax, jax.numpy as jnp, zojax

@@ -3,6 +3,8 @@ frozen base in both memory modes and in optax chains, and the errors of bad inpu
 
 import functools
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +159,22 @@ def test_bad_input_is_an_error_naming_it():
             jnp.ones((4, 1)), jnp.ones((1, 3)))}}})
     with pytest.raises(ValueError, match="the subset's 'scale' is float32\\[2\\]"):
         zojax.lora.combine(PARAMS, {"scale": jnp.ones(2)})
+
+
+def test_lora_with_layerwise_is_the_plain_estimate_or_an_error_saying_what_to_do():
+    """``lora.objective(layerwise(loss), ...)`` keeps the value alone (the estimate of the plain
+    low-memory mode on the adapters); ``layerwise(lora.objective(...))`` cannot see the merged
+    kernels as leaves: an error naming LoRA's way."""
+    model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    x = jnp.ones((3, 5))
+    params = model.init(jax.random.key(0), x)["params"]
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+    adapters = jax.tree.map(lambda a: a + 0.1,
+                            zojax.lora.init(jax.random.key(1), params, r".*kernel", rank=2))
+    grad = functools.partial(zojax.zo_grad, smoothing=1e-2, num_directions=2, low_memory=True)
+    key = jax.random.key(3)
+    plain = grad(zojax.lora.objective(loss, params))(key, adapters)
+    chex.assert_trees_all_equal(
+        grad(zojax.lora.objective(zojax.layerwise(loss), params))(key, adapters), plain)
+    with pytest.raises(ValueError, match=r"zojax\.lora\.objective\(loss, params\)"):
+        grad(zojax.layerwise(zojax.lora.objective(loss, params)))(key, adapters)
