@@ -9,6 +9,11 @@ differ in their last bits (LLVM contracts a·b + c into fused multiply-adds only
 optimizes), so a test holds to a derived tolerance, not to one compiler's rounding.
 Benchmarks and experiments keep the defaults. ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` runs the
 suite with them; subprocesses that tests start inherit the setting.
+
+Test files marked ``pytest.mark.slow`` (a minute or more: the experiments' smoke runs, the docs
+build, the multi-device session, the largest batteries) are collected first, so that pytest-xdist,
+which hands out whole files in collection order, starts them first and its workers finish
+together rather than one waiting on a long file started last.
 """
 
 import os
@@ -19,3 +24,11 @@ import jax  # noqa: E402  (after the environment: JAX reads it when first import
 
 jax.config.update("jax_disable_most_optimizations",
                   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test file of a minute or more, scheduled first")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 _SKIPPED_DIRS = {"_build", "generated", "jupyter_execute", "notebooks", "_templates"}

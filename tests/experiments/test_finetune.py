@@ -15,6 +15,8 @@ from configs.finetune import get_config
 from experiments import finetune, runner, text_tasks
 from experiments.models import minilm
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 needs_text = pytest.mark.skipif(not (DATA / "text").is_dir(),
                                 reason=f"the text data is not under {DATA / 'text'}")

@@ -12,6 +12,8 @@ from experiments import natural_perturbations as experiment
 from experiments import runner
 from zojax import datasets
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

@@ -17,6 +17,8 @@ from experiments import prompt_finetune as pf
 from experiments import runner, text_tasks
 from experiments.models import llama
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 
 

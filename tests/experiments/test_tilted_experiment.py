@@ -19,6 +19,8 @@ from configs import tilted as tilted_config
 from experiments import runner, tilted
 from zojax.problems import two_scales
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "tilted_analysis.py"
 CURVATURE = ("loss", "hessian_trace", "hessian_top_eigenvalue", "hessian_square_trace")

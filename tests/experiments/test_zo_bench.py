@@ -8,6 +8,8 @@ import pytest
 from configs.zo_bench import METHODS, get_config
 from experiments import runner, zo_bench
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def logistic_results(tmp_path_factory):

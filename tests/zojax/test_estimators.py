@@ -11,6 +11,8 @@ import pytest
 
 import zojax
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 DIRECTIONS = ("gaussian", "sphere", "rademacher", "coordinate")
 SCHEMES = ("central", "forward")
 NUM_SAMPLES = 40_000

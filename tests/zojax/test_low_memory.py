@@ -15,6 +15,8 @@ from zojax import directions, low_memory
 from zojax.methods.two_point import two_point_estimate
 from zojax.objective import bind
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 
 class Model(nn.Module):
     """Every kind of module the per-layer form handles: Embed (rows), Dense, LayerNorm."""

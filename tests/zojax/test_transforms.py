@@ -11,6 +11,8 @@ from stages import diagonal_perturbation
 
 import zojax
 
+pytestmark = pytest.mark.slow  # scheduled first (conftest.py)
+
 # name -> (factory, kwargs); every factory takes its numeric hyperparameters by keyword.
 REGISTRY = {
     "two_point": (zojax.two_point, dict(smoothing=0.01, num_directions=3)),
