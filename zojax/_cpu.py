@@ -9,9 +9,9 @@ CPU too, so both are tested here.
 The switch: set the environment variable ``ZOJAX_CPU_TRICKS=0`` (read when a program is traced)
 to trace the plain branches everywhere, e.g. to rule the tricks out when a result looks wrong, or
 use ``with zojax._cpu.force_default():`` around the tracing of one program. Results are the same
-either way (bit for bit for the directions; the sums up to rounding); only speed and memory
-change, and the memory figures of ``benchmarks/`` assume the tricks on (the fused sampler is what
-lets XLA fuse a direction into its consumers).
+either way (bit for bit for the Gaussian and Rademacher draws; the sphere's float32 norm and the
+sums up to rounding); only speed and memory change, and the memory figures of ``benchmarks/``
+assume the tricks on (the fused sampler is what lets XLA fuse a direction into its consumers).
 
 - Fused Threefry (:func:`normal`, :func:`rademacher`): the same bits as ``jax.random`` from jnp
   ops that fuse into one kernel with the float conversion: faster draws and fewer

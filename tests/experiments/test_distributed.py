@@ -23,8 +23,9 @@ def _free_port() -> int:
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
-    return {**env, "JAX_COMPILATION_CACHE_DIR": ""}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()  # one CPU device each
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_COMPILATION_CACHE_DIR": ""}
 
 
 @pytest.fixture(scope="module")
