@@ -249,9 +249,32 @@ def _train_chunk(program: Program, state, gaps, start, data_key, arrays, traced,
     # Shared keys enter (and leave) the vmap unbatched: one draw per step for all members.
     # So do step counters (every member steps together): a branch on one (a Fisher refresh
     # every k steps) stays a branch, where a batched predicate would run it at every step.
+    # An optimizer can make one depend on the member (zojax.chain keeps the inner counter of a
+    # step it skips): the program is then traced again with that leaf batched.
+    batched: set[str] = set()
+    while True:
+        try:
+            return _vmapped_chunk(program, state, gaps, start, data_key, arrays, traced, chunk,
+                                  size, frozenset(batched))
+        except ValueError as error:
+            found = {path for path in _shared_paths(program, state)
+                     if f"out_axes[0]{path}," in str(error)}
+            if not found - batched:
+                raise
+            batched |= found
+
+
+def _shared_paths(program: Program, state) -> list[str]:
+    """The paths (``keystr``) of the state leaves that may enter the vmap unbatched."""
+    return [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(state)
+            if (program.shared_keys and is_key(x)) or is_counter(path, x)]
+
+
+def _vmapped_chunk(program: Program, state, gaps, start, data_key, arrays, traced, chunk, size,
+                   batched: frozenset):
+    shared = set(_shared_paths(program, state)) - batched
     axes = jax.tree_util.tree_map_with_path(
-        lambda path, x: None if (program.shared_keys and is_key(x)) or is_counter(path, x)
-        else 0, state)
+        lambda path, x: None if jax.tree_util.keystr(path) in shared else 0, state)
     state = jax.tree.map(lambda x, axis: x if axis == 0 else x[0], state, axes)
     state, metrics, queries = jax.vmap(chunk, in_axes=(axes, None, None, None, None, 0),
                                        out_axes=(axes, 0, 0))(
