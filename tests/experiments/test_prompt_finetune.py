@@ -95,6 +95,20 @@ def test_the_calibration_bias_is_the_maximum_likelihood_one():
     assert abs(bias.sum()) < 1e-5
 
 
+def test_the_calibration_converges_where_a_label_word_is_far_below_the_others():
+    # TREC on SmolLM2: some label words sit ~20 logits below the others, and a full Newton
+    # step from b = 0 overshoots (it diverged to biases of ±5e8).
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(96, 6)) * 2 + np.array([0.0, -20.0, 3.0, -25.0, 1.0, -18.0])
+    labels = np.repeat(np.arange(6), 16)
+    bias = pf.calibration(logits, labels)
+    assert np.all(np.isfinite(bias)) and np.abs(bias).max() < 100
+    z = logits + bias
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(p.mean(0), np.full(6, 1 / 6), atol=1e-5)
+
+
 def test_the_hutchinson_trace_of_a_lora_member_is_over_its_adapters(smoke):
     config, _, results = smoke
     problem, _, loaded = _problem(config, "prompt")
